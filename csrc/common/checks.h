@@ -1,0 +1,87 @@
+// Input validation shared by the CPU and CUDA ops: every message names the argument, what was
+// expected and what came. Unlike the rest of common/, this header needs ATen (it inspects tensors);
+// it is host-only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "gates.h"
+
+namespace mapopt {
+
+inline std::string valid_gate_list() {
+  std::string out;
+  for (int i = 0; i < kNumGates; ++i) {
+    out += (i ? ", '" : "'");
+    out += kGateNames[i];
+    out += "'";
+  }
+  return out;
+}
+
+inline Gate parse_gate(std::string_view name) {
+  for (int i = 0; i < kNumGates; ++i) {
+    if (name == kGateNames[i]) return static_cast<Gate>(i);
+  }
+  TORCH_CHECK_VALUE(false, "gate must be one of ", valid_gate_list(), ", got '", std::string(name),
+                    "'");
+}
+
+// Same dtype and device as `ref` (named ref_name), and a floating dtype.
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
+                   " but ", ref_name, " has dtype ", ref.scalar_type(),
+                   ": all tensors must share one dtype");
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device(), ": all tensors must be on one device");
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected,
+                        const char* meaning) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", meaning, " = ", expected,
+                    ", got ", t.sizes());
+}
+
+// Shapes of one recurrent cell step. `chunks` is 3 (GRU) or 4 (LSTM); `cx` only for the LSTM.
+// Returns the hidden size.
+inline int64_t check_cell_inputs(int64_t chunks, const at::Tensor& input, const at::Tensor& hx,
+                                 const at::Tensor* cx, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                 const std::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
+                   "input must have a floating dtype, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() == 2, "input must be 2-D (batch, input_size), got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_ih.size(0) % chunks == 0 && w_ih.size(0) > 0,
+                    "weight_ih must have shape (", chunks, "*hidden_size, input_size), got ",
+                    w_ih.sizes());
+  const int64_t H = w_ih.size(0) / chunks;
+  const int64_t B = input.size(0);
+  TORCH_CHECK_VALUE(input.size(1) == w_ih.size(1), "input has ", input.size(1),
+                    " features but weight_ih ", w_ih.sizes(), " expects input_size=", w_ih.size(1));
+  check_shape(w_hh, "weight_hh", {chunks * H, H}, "(chunks*hidden_size, hidden_size)");
+  check_shape(hx, "hx", {B, H}, "(batch, hidden_size)");
+  check_like(hx, "hx", input, "input");
+  check_like(w_ih, "weight_ih", input, "input");
+  check_like(w_hh, "weight_hh", input, "input");
+  if (cx) {
+    check_shape(*cx, "cx", {B, H}, "(batch, hidden_size)");
+    check_like(*cx, "cx", input, "input");
+  }
+  TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(),
+                    "bias_ih and bias_hh must be given together or both omitted");
+  if (b_ih) {
+    check_shape(*b_ih, "bias_ih", {chunks * H}, "(chunks*hidden_size,)");
+    check_shape(*b_hh, "bias_hh", {chunks * H}, "(chunks*hidden_size,)");
+    check_like(*b_ih, "bias_ih", input, "input");
+    check_like(*b_hh, "bias_hh", input, "input");
+  }
+  return H;
+}
+
+}  // namespace mapopt

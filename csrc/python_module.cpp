@@ -1,0 +1,32 @@
+// mapopt_native._C: what is not an op (build facts, the gate names). Kept apart from
+// registration.cpp so the CMake library (C++ users, no Python) links the ops without pybind.
+// MAPOPT_WITH_CUDA, MAPOPT_CUDA_ARCH, MAPOPT_CPU_ISA and MAPOPT_TORCH_VERSION are set by setup.py.
+#include <torch/extension.h>
+
+#include "common/gates.h"
+
+#ifndef MAPOPT_WITH_CUDA
+#define MAPOPT_WITH_CUDA 0
+#endif
+#ifndef MAPOPT_CUDA_ARCH
+#define MAPOPT_CUDA_ARCH ""
+#endif
+#ifndef MAPOPT_TORCH_VERSION
+#define MAPOPT_TORCH_VERSION "unknown"
+#endif
+#ifndef MAPOPT_CPU_ISA
+#define MAPOPT_CPU_ISA "default"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mapopt_native native extension: build information (the ops live in torch.ops)";
+  m.def("with_cuda", [] { return static_cast<bool>(MAPOPT_WITH_CUDA); });
+  m.def("cuda_arch", [] { return std::string(MAPOPT_CUDA_ARCH); });
+  m.def("cpu_isa", [] { return std::string(MAPOPT_CPU_ISA); });
+  m.def("torch_version", [] { return std::string(MAPOPT_TORCH_VERSION); });
+  m.def("gate_names", [] {
+    pybind11::tuple names(mapopt::kNumGates);
+    for (int i = 0; i < mapopt::kNumGates; ++i) names[i] = mapopt::kGateNames[i];
+    return names;
+  });
+}

@@ -1,0 +1,31 @@
+// Every op schema of mapopt_native, in one place. Kernels are registered per dispatch key in
+// cpu/*.cpp and cuda/*.cu; autograd formulas and fake (shape) kernels in mapopt_native/ops/.
+// Forward ops return what their backward needs as extra outputs (DESIGN.md, "Op shape").
+#include <torch/library.h>
+
+TORCH_LIBRARY(mapopt_native, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+
+  // Gated recurrent cells, MATH.md §1. gate: one of mapopt_native.GATES.
+  m.def(
+      "gated_gru_cell_fwd(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, str gate) -> (Tensor hy, Tensor workspace)",
+      tags);
+  m.def(
+      "gated_gru_cell_bwd(Tensor grad_hy, Tensor input, Tensor hx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor workspace, str gate, bool has_bias, bool[3] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias_ih, Tensor grad_bias_hh)",
+      tags);
+  m.def(
+      "gated_lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, str gate) -> "
+      "(Tensor hy, Tensor cy, Tensor workspace)",
+      tags);
+  m.def(
+      "gated_lstm_cell_bwd(Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, Tensor cx, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor cy, Tensor workspace, str gate, bool has_bias, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)",
+      tags);
+}

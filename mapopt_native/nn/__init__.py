@@ -1,0 +1,5 @@
+"""Drop-in modules with selectable gates: GatedGRUCell, GatedLSTMCell."""
+
+from .cells import GatedGRUCell, GatedLSTMCell
+
+__all__ = ["GatedGRUCell", "GatedLSTMCell"]

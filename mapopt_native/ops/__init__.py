@@ -1,0 +1,6 @@
+"""Thin wrappers over torch.ops.mapopt_native.*, with the ops' fake kernels (shapes, for
+torch.compile) and autograd formulas. One module per capability."""
+
+from .gated_cells import gated_gru_cell, gated_lstm_cell
+
+__all__ = ["gated_gru_cell", "gated_lstm_cell"]

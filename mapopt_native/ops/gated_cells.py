@@ -1,0 +1,171 @@
+"""Gated GRU / LSTM cell ops (MATH.md §1): fake kernels, autograd, and the public functions.
+
+The kernels validate their inputs in C++ (csrc/common/checks.h); the fake kernels repeat those
+checks with torch._check so a compiled model fails with the same message at trace time."""
+
+import torch
+from torch import Tensor
+
+from .. import _C
+
+_ops = torch.ops.mapopt_native
+_GATES = tuple(_C.gate_names())
+
+
+def check_gate(gate: str) -> None:
+    if gate not in _GATES:
+        raise ValueError(
+            f"gate must be one of {', '.join(repr(g) for g in _GATES)}, got {gate!r}")
+
+
+def _check_like(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    torch._check(t.dtype == ref.dtype, lambda: (
+        f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}: all tensors must "
+        "share one dtype"))
+    torch._check(t.device == ref.device, lambda: (
+        f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must be on "
+        "one device"))
+
+
+def _check_shape(t: Tensor, name: str, expected, meaning: str) -> None:
+    torch._check(tuple(t.shape) == tuple(expected), lambda: (
+        f"{name} must have shape {meaning} = {list(expected)}, got {list(t.shape)}"))
+
+
+def _check_cell(chunks, input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate):
+    """The fake-kernel mirror of check_cell_inputs in csrc/common/checks.h; returns H."""
+    check_gate(gate)
+    torch._check(input.dtype.is_floating_point,
+                 lambda: f"input must have a floating dtype, got {input.dtype}")
+    torch._check(input.dim() == 2,
+                 lambda: f"input must be 2-D (batch, input_size), got shape {list(input.shape)}")
+    torch._check(w_ih.dim() == 2 and w_ih.shape[0] % chunks == 0 and w_ih.shape[0] > 0, lambda: (
+        f"weight_ih must have shape ({chunks}*hidden_size, input_size), got {list(w_ih.shape)}"))
+    H = w_ih.shape[0] // chunks
+    B = input.shape[0]
+    torch._check(input.shape[1] == w_ih.shape[1], lambda: (
+        f"input has {input.shape[1]} features but weight_ih {list(w_ih.shape)} expects "
+        f"input_size={w_ih.shape[1]}"))
+    _check_shape(w_hh, "weight_hh", (chunks * H, H), "(chunks*hidden_size, hidden_size)")
+    _check_shape(hx, "hx", (B, H), "(batch, hidden_size)")
+    for t, name in ((hx, "hx"), (w_ih, "weight_ih"), (w_hh, "weight_hh")):
+        _check_like(t, name, input, "input")
+    if cx is not None:
+        _check_shape(cx, "cx", (B, H), "(batch, hidden_size)")
+        _check_like(cx, "cx", input, "input")
+    torch._check((b_ih is None) == (b_hh is None),
+                 lambda: "bias_ih and bias_hh must be given together or both omitted")
+    if b_ih is not None:
+        for t, name in ((b_ih, "bias_ih"), (b_hh, "bias_hh")):
+            _check_shape(t, name, (chunks * H,), "(chunks*hidden_size,)")
+            _check_like(t, name, input, "input")
+    return H
+
+
+def _grad_like(t: Tensor, wanted: bool) -> Tensor:
+    return t.new_empty(t.shape) if wanted else t.new_empty((0,))
+
+
+# ---------------------------------------------------------------- GRU
+
+
+@torch.library.register_fake("mapopt_native::gated_gru_cell_fwd")
+def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, gate):
+    H = _check_cell(3, input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, gate)
+    B = input.shape[0]
+    return input.new_empty((B, H)), input.new_empty((B, 4 * H))
+
+
+@torch.library.register_fake("mapopt_native::gated_gru_cell_bwd")
+def _(grad_hy, input, hx, weight_ih, weight_hh, workspace, gate, has_bias, output_mask):
+    H = _check_cell(3, input, hx, None, weight_ih, weight_hh, None, None, gate)
+    params = output_mask[2]
+    bias = params and has_bias
+    return (_grad_like(input, output_mask[0]), _grad_like(hx, output_mask[1]),
+            _grad_like(weight_ih, params), _grad_like(weight_hh, params),
+            input.new_empty((3 * H,) if bias else (0,)), input.new_empty((3 * H,) if bias else (0,)))
+
+
+def _gru_setup_context(ctx, inputs, output):
+    input, hx, weight_ih, weight_hh, bias_ih, _, gate = inputs
+    _, workspace = output
+    ctx.save_for_backward(input, hx, weight_ih, weight_hh, workspace)
+    ctx.gate = gate
+    ctx.has_bias = bias_ih is not None
+    ctx.mark_non_differentiable(workspace)
+
+
+def _gru_backward(ctx, grad_hy, _grad_workspace):
+    input, hx, weight_ih, weight_hh, workspace = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], any(need[2:6])]
+    grads = _ops.gated_gru_cell_bwd(grad_hy, input, hx, weight_ih, weight_hh, workspace,
+                                    ctx.gate, ctx.has_bias, mask)
+    return tuple(g if n else None for g, n in zip(grads, need[:6])) + (None,)
+
+
+torch.library.register_autograd("mapopt_native::gated_gru_cell_fwd", _gru_backward,
+                                setup_context=_gru_setup_context)
+
+
+def gated_gru_cell(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                   bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
+                   gate: str = "sigmoid") -> Tensor:
+    """One GRU step h' = cell(x, h) with the given gate family; input (B, I), hx (B, H)."""
+    return _ops.gated_gru_cell_fwd(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, gate)[0]
+
+
+# ---------------------------------------------------------------- LSTM
+
+
+@torch.library.register_fake("mapopt_native::gated_lstm_cell_fwd")
+def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, gate):
+    H = _check_cell(4, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, gate)
+    B = input.shape[0]
+    return input.new_empty((B, H)), input.new_empty((B, H)), input.new_empty((B, 4 * H))
+
+
+@torch.library.register_fake("mapopt_native::gated_lstm_cell_bwd")
+def _(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace, gate, has_bias,
+      output_mask):
+    H = _check_cell(4, input, hx, cx, weight_ih, weight_hh, None, None, gate)
+    params = output_mask[3]
+    bias = params and has_bias
+    return (_grad_like(input, output_mask[0]), _grad_like(hx, output_mask[1]),
+            _grad_like(cx, output_mask[2]), _grad_like(weight_ih, params),
+            _grad_like(weight_hh, params),
+            input.new_empty((4 * H,) if bias else (0,)), input.new_empty((4 * H,) if bias else (0,)))
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    input, hx, cx, weight_ih, weight_hh, bias_ih, _, gate = inputs
+    _, cy, workspace = output
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, cy, workspace)
+    ctx.gate = gate
+    ctx.has_bias = bias_ih is not None
+    ctx.mark_non_differentiable(workspace)
+    # An unused output (often c') then arrives as None, and the kernel reads it as zero without
+    # a zero-filled buffer.
+    ctx.set_materialize_grads(False)
+
+
+def _lstm_backward(ctx, grad_hy, grad_cy, _grad_workspace):
+    input, hx, cx, weight_ih, weight_hh, cy, workspace = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2], any(need[3:7])]
+    grads = _ops.gated_lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy,
+                                     workspace, ctx.gate, ctx.has_bias, mask)
+    return tuple(g if n else None for g, n in zip(grads, need[:7])) + (None,)
+
+
+torch.library.register_autograd("mapopt_native::gated_lstm_cell_fwd", _lstm_backward,
+                                setup_context=_lstm_setup_context)
+
+
+def gated_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                    bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
+                    gate: str = "sigmoid") -> tuple[Tensor, Tensor]:
+    """One LSTM step (h', c') = cell(x, (h, c)) with the given gate family."""
+    hy, cy, _ = _ops.gated_lstm_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                         gate)
+    return hy, cy

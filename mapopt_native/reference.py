@@ -1,0 +1,47 @@
+"""Pure-PyTorch implementation of every op, written from MATH.md independently of the kernels.
+
+It is the test oracle, the benchmark baseline, and the path for what the kernels don't serve
+(forward-mode AD, double backward)."""
+
+import torch
+from torch import Tensor
+
+__all__ = ["gate", "gru_cell", "lstm_cell"]
+
+
+def gate(name: str, z: Tensor) -> Tensor:
+    """g(z) of the gate family `name` (MATH.md §1)."""
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    if name == "gaussian":
+        return torch.exp(-0.5 * z * z)
+    if name == "trig":
+        return 0.5 * (1.0 + torch.sin(z))
+    raise ValueError(f"gate must be one of 'sigmoid', 'gaussian', 'trig', got {name!r}")
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, w, b)
+
+
+def gru_cell(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+             bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
+             gate_name: str = "sigmoid") -> Tensor:
+    """GRU step, gate order r, z, n (PyTorch's convention)."""
+    gi_r, gi_z, gi_n = _linear(input, weight_ih, bias_ih).chunk(3, dim=-1)
+    gh_r, gh_z, gh_n = _linear(hx, weight_hh, bias_hh).chunk(3, dim=-1)
+    r = gate(gate_name, gi_r + gh_r)
+    z = gate(gate_name, gi_z + gh_z)
+    n = torch.tanh(gi_n + r * gh_n)
+    return (1 - z) * n + z * hx
+
+
+def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+              bias_ih: Tensor | None = None, bias_hh: Tensor | None = None,
+              gate_name: str = "sigmoid") -> tuple[Tensor, Tensor]:
+    """LSTM step, gate order i, f, g, o; returns (h', c')."""
+    a = _linear(input, weight_ih, bias_ih) + _linear(hx, weight_hh, bias_hh)
+    a_i, a_f, a_c, a_o = a.chunk(4, dim=-1)
+    i, f, o = gate(gate_name, a_i), gate(gate_name, a_f), gate(gate_name, a_o)
+    cy = f * cx + i * torch.tanh(a_c)
+    return o * torch.tanh(cy), cy
