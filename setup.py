@@ -16,7 +16,27 @@ import shutil
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: the first candidate with both nvcc and libcudart. torch's own guess
+    (the parent of the `nvcc` on PATH) fails when that nvcc is a wrapper script elsewhere."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if shutil.which("nvcc"):
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and (
+                glob.glob(os.path.join(root, "lib64", "libcudart.so*"))
+                or glob.glob(os.path.join(root, "lib", "libcudart.so*"))):
+            return root
+    return None
+
+
+if find_cuda_home():
+    os.environ["CUDA_HOME"] = find_cuda_home()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH = "8.0;9.0+PTX"
@@ -61,6 +81,14 @@ def detect_cpu_isa():
     return "default"
 
 
+def cuda_library_include_dirs():
+    """Headers of the CUDA math libraries (cuBLAS, cuSPARSE, ...) that ATen's CUDA headers include.
+    A CUDA toolkit may ship without them; torch's pip wheels bring them as nvidia-* packages."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
+                  if os.path.exists(os.path.join(d, "cusparse.h")))
+
+
 def make_extension():
     with_cuda = cuda_wanted()
     isa = detect_cpu_isa()
@@ -79,6 +107,7 @@ def make_extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension("mapopt_native._C", sources, define_macros=macros,
+                             include_dirs=cuda_library_include_dirs(),
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     return CppExtension("mapopt_native._C", sources, define_macros=macros,
                         extra_compile_args={"cxx": cxx})
