@@ -26,7 +26,7 @@ build: venv
 
 cmake-test: venv
 	mkdir -p build
-	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > build/cmake-configure.log 2>&1 || (cat build/cmake-configure.log; exit 1)
+	cmake -S . -B build/cmake $$($(VPY) tests/cpp/torch_cmake_args.py) > build/cmake-configure.log 2>&1 || (cat build/cmake-configure.log; exit 1)
 	cmake --build build/cmake -j $(JOBS)
 	ctest --test-dir build/cmake --output-on-failure
 
