@@ -400,3 +400,20 @@ def test_cuda_matches_cpu(kind, gate, dtype):
         assert_close(a.cpu().double(), b, dtype=dtype)
     for a, b in zip(g_g, g_c):
         assert_close(a.cpu().double(), b, dtype=dtype, scale=8)
+
+
+def test_build_info_reports_what_was_built():
+    import os
+    import shutil
+
+    info = mapopt_native.build_info()
+    assert set(info) == {"cpu", "cuda", "cuda_arch", "cpu_isa", "torch"}
+    assert info["cpu"] is True and info["torch"] == torch.__version__
+    assert info["cpu_isa"] in ("avx512", "avx2", "default")
+    # setup.py compiles the CUDA kernels whenever torch is a CUDA build and nvcc is found.
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    if torch.version.cuda and nvcc and os.environ.get("MAPOPT_CUDA") != "0":
+        assert info["cuda"] is True and info["cuda_arch"]
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mapopt_native::gated_gru_cell_fwd", "CUDA")
+    assert has_cuda_kernel == info["cuda"]
