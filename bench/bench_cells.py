@@ -60,27 +60,24 @@ def reference_step(kind, cell, fn):
     return lambda x, s: fn(x, s[0], s[1], *w, cell.gate)
 
 
-def bench_one(kind, gate, B, H, device, min_run_time, compiled_fns):
+def bench_one(kind, gate, B, H, device, min_rounds, min_run_time, compiled_fns):
     ours_cls, torch_cls, ref_fn = KINDS[kind]
     cell = ours_cls(H, H, gate=gate, device=device)
     xs = torch.randn(STEPS, B, H, device=device)
     h0 = torch.randn(B, H, device=device)
     state0 = h0 if kind == "gru" else (h0, torch.randn(B, H, device=device))
     params = list(cell.parameters())
-    times = {
-        "native": harness.median_seconds(loop(cell, xs, state0, params), min_run_time),
-        "eager": harness.median_seconds(
-            loop(reference_step(kind, cell, ref_fn), xs, state0, params), min_run_time),
-        "compiled": harness.median_seconds(
-            loop(reference_step(kind, cell, compiled_fns[kind]), xs, state0, params),
-            min_run_time),
+    fns = {
+        "native": loop(cell, xs, state0, params),
+        "eager": loop(reference_step(kind, cell, ref_fn), xs, state0, params),
+        "compiled": loop(reference_step(kind, cell, compiled_fns[kind]), xs, state0, params),
+        "floor": floor_loop(kind, cell, xs, h0),
     }
-    times["floor"] = harness.median_seconds(floor_loop(kind, cell, xs, h0), min_run_time)
     if gate == "sigmoid":
         theirs = torch_cls(H, H, device=device)
         theirs.load_state_dict(cell.state_dict())
-        times["torch.nn"] = harness.median_seconds(
-            loop(theirs, xs, state0, list(theirs.parameters())), min_run_time)
+        fns["torch.nn"] = loop(theirs, xs, state0, list(theirs.parameters()))
+    times = harness.compare(fns, min_rounds=min_rounds, min_run_time=min_run_time)
     row = {"cell": kind, "gate": gate, "B": B, "H": H}
     row.update({f"{k} ms": v * 1e3 for k, v in times.items()})
     for k in ("eager", "compiled", "torch.nn", "floor"):
@@ -96,7 +93,8 @@ def main(argv=None):
     p.add_argument("--hidden", default="64,256,1024")
     p.add_argument("--kinds", default="gru,lstm")
     p.add_argument("--gates", default=",".join(mapopt_native.GATES))
-    p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=5, help="at least this many timed rounds")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of rounds, at least")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     a = p.parse_args(argv)
     if a.threads:
@@ -109,7 +107,8 @@ def main(argv=None):
         for B in map(int, a.batch.split(",")):
             for H in map(int, a.hidden.split(",")):
                 for gate in a.gates.split(","):
-                    rows.append(bench_one(kind, gate, B, H, a.device, a.min_run_time, compiled))
+                    rows.append(bench_one(kind, gate, B, H, a.device, a.rounds, a.min_run_time,
+                                          compiled))
                     print(harness.table(rows[-1:], list(rows[-1])), flush=True)
     columns = ["cell", "gate", "B", "H", "native ms", "eager ms", "compiled ms", "torch.nn ms",
                "floor ms", "eager/native", "compiled/native", "torch.nn/native", "floor/native"]

@@ -1,25 +1,50 @@
-"""Shared benchmark harness: timing (torch.utils.benchmark, median), machine facts, result JSON
-and a printed table. Every comparison is measured in the same process, side by side."""
+"""Shared benchmark harness: interleaved timing (median), machine facts, result JSON and a printed
+table. Every comparison is measured in the same process, side by side."""
 
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_seconds(fn, min_run_time=0.5):
-    """Median wall time of fn() in seconds (CUDA work synchronised by the Timer)."""
-    fn()  # warm-up: lazy init, compilation, allocator
-    # The Timer runs single-threaded unless told otherwise; time with the threads torch uses
-    # (changing them would also invalidate torch.compile's guards).
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def compare(fns, min_rounds=5, min_run_time=1.0):
+    """Median seconds per call of each fn in the dict `fns`, measured side by side.
+
+    Every round calls each fn once (several times when one call is under a millisecond) in an
+    order that rotates from round to round, so slow drifts of a shared machine (other tenants,
+    clocks) hit every candidate alike instead of whichever happened to run then."""
+    names = list(fns)
+    reps = {}
+    for name in names:  # warm-up: lazy init, compilation, allocator; sizes the repetitions
+        _sync()
+        t = time.perf_counter()
+        fns[name]()
+        _sync()
+        reps[name] = max(1, int(1e-3 / max(time.perf_counter() - t, 1e-9)))
+    samples = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() - start < min_run_time:
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            _sync()
+            t = time.perf_counter()
+            for _ in range(reps[name]):
+                fns[name]()
+            _sync()
+            samples[name].append((time.perf_counter() - t) / reps[name])
+        rounds += 1
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def machine(device="cpu"):
