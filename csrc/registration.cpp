@@ -28,4 +28,33 @@ TORCH_LIBRARY(mapopt_native, m) {
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)",
       tags);
+
+  // Gated recurrent layers: one layer, one direction, the whole sequence per call. input is
+  // padded (T, B, I) with batch_sizes None, or packed rows (N, I) with PackedSequence's
+  // batch_sizes. need_workspace: keep what the backward needs (training) or nothing (inference).
+  m.def(
+      "gated_gru_seq_fwd(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? batch_sizes, bool reverse, str gate, "
+      "bool need_workspace) -> (Tensor output, Tensor hy, Tensor workspace)",
+      tags);
+  m.def(
+      "gated_gru_seq_bwd(Tensor? grad_output, Tensor? grad_hy, Tensor input, Tensor hx, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, "
+      "bool reverse, str gate, bool has_bias, bool[3] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+      "Tensor grad_bias_hh)",
+      tags);
+  m.def(
+      "gated_lstm_seq_fwd(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? batch_sizes, bool reverse, str gate, "
+      "bool need_workspace) -> (Tensor output, Tensor hy, Tensor cy, Tensor workspace, "
+      "Tensor cell_states)",
+      tags);
+  m.def(
+      "gated_lstm_seq_bwd(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, "
+      "Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, "
+      "Tensor cell_states, Tensor? batch_sizes, bool reverse, str gate, bool has_bias, "
+      "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)",
+      tags);
 }

@@ -47,12 +47,11 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
                     ", got ", t.sizes());
 }
 
-// Shapes of one recurrent cell step. `chunks` is 3 (GRU) or 4 (LSTM); `cx` only for the LSTM.
-// Returns the hidden size.
-inline int64_t check_cell_inputs(int64_t chunks, const at::Tensor& input, const at::Tensor& hx,
-                                 const at::Tensor* cx, const at::Tensor& w_ih,
-                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                                 const std::optional<at::Tensor>& b_hh) {
+// The input rows (batch, input_size) and the weights of a gated cell or layer. `chunks` is 3 (GRU)
+// or 4 (LSTM). Returns the hidden size.
+inline int64_t check_weights(int64_t chunks, const at::Tensor& input, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                             const std::optional<at::Tensor>& b_hh) {
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
                    "input must have a floating dtype, got ", input.scalar_type());
   TORCH_CHECK_VALUE(input.dim() == 2, "input must be 2-D (batch, input_size), got shape ",
@@ -61,18 +60,11 @@ inline int64_t check_cell_inputs(int64_t chunks, const at::Tensor& input, const 
                     "weight_ih must have shape (", chunks, "*hidden_size, input_size), got ",
                     w_ih.sizes());
   const int64_t H = w_ih.size(0) / chunks;
-  const int64_t B = input.size(0);
   TORCH_CHECK_VALUE(input.size(1) == w_ih.size(1), "input has ", input.size(1),
                     " features but weight_ih ", w_ih.sizes(), " expects input_size=", w_ih.size(1));
   check_shape(w_hh, "weight_hh", {chunks * H, H}, "(chunks*hidden_size, hidden_size)");
-  check_shape(hx, "hx", {B, H}, "(batch, hidden_size)");
-  check_like(hx, "hx", input, "input");
   check_like(w_ih, "weight_ih", input, "input");
   check_like(w_hh, "weight_hh", input, "input");
-  if (cx) {
-    check_shape(*cx, "cx", {B, H}, "(batch, hidden_size)");
-    check_like(*cx, "cx", input, "input");
-  }
   TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(),
                     "bias_ih and bias_hh must be given together or both omitted");
   if (b_ih) {
@@ -81,6 +73,24 @@ inline int64_t check_cell_inputs(int64_t chunks, const at::Tensor& input, const 
     check_like(*b_ih, "bias_ih", input, "input");
     check_like(*b_hh, "bias_hh", input, "input");
   }
+  return H;
+}
+
+// A recurrent state (hx or cx) of `batch` sequences.
+inline void check_state(const at::Tensor& state, const char* name, int64_t batch, int64_t H,
+                        const at::Tensor& input) {
+  check_shape(state, name, {batch, H}, "(batch, hidden_size)");
+  check_like(state, name, input, "input");
+}
+
+// One cell step; `cx` only for the LSTM. Returns the hidden size.
+inline int64_t check_cell_inputs(int64_t chunks, const at::Tensor& input, const at::Tensor& hx,
+                                 const at::Tensor* cx, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                 const std::optional<at::Tensor>& b_hh) {
+  const int64_t H = check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh);
+  check_state(hx, "hx", input.size(0), H, input);
+  if (cx) check_state(*cx, "cx", input.size(0), H, input);
   return H;
 }
 

@@ -1,10 +1,12 @@
-// CPU pointwise kernels of the gated cells (vectorised, at::parallel_for) and their registration.
-// The ops themselves (matrix products + these kernels) are written once in csrc/gated_cells.h.
+// CPU pointwise kernels of the gated cells (vectorised, at::parallel_for) and the registration of
+// the cell and layer ops, which are written once for every device in csrc/gated_cells.h and
+// csrc/gated_layers.h on top of these kernels.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../common/cells.h"
 #include "../gated_cells.h"
+#include "../gated_layers.h"
 #include "vec_math.h"
 
 namespace mapopt::cpu {
@@ -148,4 +150,8 @@ TORCH_LIBRARY_IMPL(mapopt_native, CPU, m) {
   m.impl("gated_gru_cell_bwd", &mapopt::gated_gru_cell_bwd<K>);
   m.impl("gated_lstm_cell_fwd", &mapopt::gated_lstm_cell_fwd<K>);
   m.impl("gated_lstm_cell_bwd", &mapopt::gated_lstm_cell_bwd<K>);
+  m.impl("gated_gru_seq_fwd", &mapopt::gated_gru_seq_fwd<K>);
+  m.impl("gated_gru_seq_bwd", &mapopt::gated_gru_seq_bwd<K>);
+  m.impl("gated_lstm_seq_fwd", &mapopt::gated_lstm_seq_fwd<K>);
+  m.impl("gated_lstm_seq_bwd", &mapopt::gated_lstm_seq_bwd<K>);
 }

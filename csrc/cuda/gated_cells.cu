@@ -1,6 +1,6 @@
 // CUDA pointwise kernels of the gated cells and their registration. One thread per (row, unit);
-// half / bfloat16 are computed in float. The ops (matrix products via cuBLAS + these kernels) are
-// written once in csrc/gated_cells.h.
+// half / bfloat16 are computed in float. The cell and layer ops (matrix products via cuBLAS + these
+// kernels) are written once in csrc/gated_cells.h and csrc/gated_layers.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -12,6 +12,7 @@
 #include "../common/cells.h"
 #include "../common/scalar_math.h"
 #include "../gated_cells.h"
+#include "../gated_layers.h"
 
 namespace mapopt::cuda {
 namespace {
@@ -199,4 +200,8 @@ TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
   m.impl("gated_gru_cell_bwd", &mapopt::gated_gru_cell_bwd<K>);
   m.impl("gated_lstm_cell_fwd", &mapopt::gated_lstm_cell_fwd<K>);
   m.impl("gated_lstm_cell_bwd", &mapopt::gated_lstm_cell_bwd<K>);
+  m.impl("gated_gru_seq_fwd", &mapopt::gated_gru_seq_fwd<K>);
+  m.impl("gated_gru_seq_bwd", &mapopt::gated_gru_seq_bwd<K>);
+  m.impl("gated_lstm_seq_fwd", &mapopt::gated_lstm_seq_fwd<K>);
+  m.impl("gated_lstm_seq_bwd", &mapopt::gated_lstm_seq_bwd<K>);
 }

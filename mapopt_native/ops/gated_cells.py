@@ -32,27 +32,20 @@ def _check_shape(t: Tensor, name: str, expected, meaning: str) -> None:
         f"{name} must have shape {meaning} = {list(expected)}, got {list(t.shape)}"))
 
 
-def _check_cell(chunks, input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate):
-    """The fake-kernel mirror of check_cell_inputs in csrc/common/checks.h; returns H."""
-    check_gate(gate)
+def check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh):
+    """The fake-kernel mirror of check_weights in csrc/common/checks.h (input: its last dim is
+    the features); returns H."""
     torch._check(input.dtype.is_floating_point,
                  lambda: f"input must have a floating dtype, got {input.dtype}")
-    torch._check(input.dim() == 2,
-                 lambda: f"input must be 2-D (batch, input_size), got shape {list(input.shape)}")
     torch._check(w_ih.dim() == 2 and w_ih.shape[0] % chunks == 0 and w_ih.shape[0] > 0, lambda: (
         f"weight_ih must have shape ({chunks}*hidden_size, input_size), got {list(w_ih.shape)}"))
     H = w_ih.shape[0] // chunks
-    B = input.shape[0]
-    torch._check(input.shape[1] == w_ih.shape[1], lambda: (
-        f"input has {input.shape[1]} features but weight_ih {list(w_ih.shape)} expects "
+    torch._check(input.shape[-1] == w_ih.shape[1], lambda: (
+        f"input has {input.shape[-1]} features but weight_ih {list(w_ih.shape)} expects "
         f"input_size={w_ih.shape[1]}"))
     _check_shape(w_hh, "weight_hh", (chunks * H, H), "(chunks*hidden_size, hidden_size)")
-    _check_shape(hx, "hx", (B, H), "(batch, hidden_size)")
-    for t, name in ((hx, "hx"), (w_ih, "weight_ih"), (w_hh, "weight_hh")):
-        _check_like(t, name, input, "input")
-    if cx is not None:
-        _check_shape(cx, "cx", (B, H), "(batch, hidden_size)")
-        _check_like(cx, "cx", input, "input")
+    _check_like(w_ih, "weight_ih", input, "input")
+    _check_like(w_hh, "weight_hh", input, "input")
     torch._check((b_ih is None) == (b_hh is None),
                  lambda: "bias_ih and bias_hh must be given together or both omitted")
     if b_ih is not None:
@@ -62,7 +55,24 @@ def _check_cell(chunks, input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate):
     return H
 
 
-def _grad_like(t: Tensor, wanted: bool) -> Tensor:
+def check_state(state, name, batch, H, input):
+    _check_shape(state, name, (batch, H), "(batch, hidden_size)")
+    _check_like(state, name, input, "input")
+
+
+def _check_cell(chunks, input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate):
+    """The fake-kernel mirror of check_cell_inputs in csrc/common/checks.h; returns H."""
+    check_gate(gate)
+    torch._check(input.dim() == 2,
+                 lambda: f"input must be 2-D (batch, input_size), got shape {list(input.shape)}")
+    H = check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh)
+    check_state(hx, "hx", input.shape[0], H, input)
+    if cx is not None:
+        check_state(cx, "cx", input.shape[0], H, input)
+    return H
+
+
+def grad_like(t: Tensor, wanted: bool) -> Tensor:
     return t.new_empty(t.shape) if wanted else t.new_empty((0,))
 
 
@@ -81,8 +91,8 @@ def _(grad_hy, input, hx, weight_ih, weight_hh, workspace, gate, has_bias, outpu
     H = _check_cell(3, input, hx, None, weight_ih, weight_hh, None, None, gate)
     params = output_mask[2]
     bias = params and has_bias
-    return (_grad_like(input, output_mask[0]), _grad_like(hx, output_mask[1]),
-            _grad_like(weight_ih, params), _grad_like(weight_hh, params),
+    return (grad_like(input, output_mask[0]), grad_like(hx, output_mask[1]),
+            grad_like(weight_ih, params), grad_like(weight_hh, params),
             input.new_empty((3 * H,) if bias else (0,)), input.new_empty((3 * H,) if bias else (0,)))
 
 
@@ -131,9 +141,9 @@ def _(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace, gate
     H = _check_cell(4, input, hx, cx, weight_ih, weight_hh, None, None, gate)
     params = output_mask[3]
     bias = params and has_bias
-    return (_grad_like(input, output_mask[0]), _grad_like(hx, output_mask[1]),
-            _grad_like(cx, output_mask[2]), _grad_like(weight_ih, params),
-            _grad_like(weight_hh, params),
+    return (grad_like(input, output_mask[0]), grad_like(hx, output_mask[1]),
+            grad_like(cx, output_mask[2]), grad_like(weight_ih, params),
+            grad_like(weight_hh, params),
             input.new_empty((4 * H,) if bias else (0,)), input.new_empty((4 * H,) if bias else (0,)))
 
 

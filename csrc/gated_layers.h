@@ -1,0 +1,340 @@
+// Whole-sequence gated GRU / LSTM layers (one layer, one direction per call), written once for
+// every device on top of the cells' pointwise kernels K (csrc/gated_cells.h).
+//
+// Layout: `input` is either padded, (T, B, I) time-major, with batch_sizes undefined, or packed,
+// (N, I) rows with batch_sizes (T,) on the CPU, non-increasing (PackedSequence's layout: the rows
+// of step t are the first batch_sizes[t] sequences). Padded input is the packed case with every
+// batch size B. Packed sequences run on the packed rows: the batch shrinks step by step.
+//
+// Forward: one matrix product for the input projection of every step, then per step the
+// recurrent product and the fused pointwise kernel, looped here. Backward: in reverse, per step
+// the fused pointwise backward and the recurrent product; the weight gradients after the loop as
+// a few large products over all steps.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <array>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "gated_cells.h"
+
+namespace mapopt {
+
+namespace seq {
+
+// The step structure of a (possibly packed) sequence.
+struct Steps {
+  std::vector<int64_t> sizes;    // batch size of each step
+  std::vector<int64_t> offsets;  // first row of each step
+  int64_t batch = 0;             // sequences (batch size of the first step)
+  int64_t rows = 0;              // N = sum of sizes
+  bool packed = false;
+
+  int64_t T() const { return static_cast<int64_t>(sizes.size()); }
+  // Batch size of the step after t in processing order (0 past the end).
+  int64_t next_size(int64_t t, bool reverse) const {
+    const int64_t n = reverse ? t - 1 : t + 1;
+    return (n < 0 || n >= T()) ? 0 : sizes[n];
+  }
+};
+
+inline Steps make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes) {
+  Steps s;
+  if (!batch_sizes) {
+    TORCH_CHECK_VALUE(input.dim() == 3, "input must be 3-D (seq_len, batch, input_size) when ",
+                      "batch_sizes is not given, got shape ", input.sizes());
+    s.sizes.assign(input.size(0), input.size(1));
+    s.batch = input.size(1);
+  } else {
+    TORCH_CHECK_VALUE(input.dim() == 2, "packed input must be 2-D (rows, input_size), got shape ",
+                      input.sizes());
+    const at::Tensor& bs = *batch_sizes;
+    TORCH_CHECK_VALUE(bs.dim() == 1 && bs.device().is_cpu() && bs.scalar_type() == at::kLong,
+                      "batch_sizes must be a 1-D int64 CPU tensor (as in PackedSequence), got ",
+                      bs.scalar_type(), " of shape ", bs.sizes(), " on ", bs.device());
+    const at::Tensor c = bs.contiguous();
+    const int64_t* p = c.const_data_ptr<int64_t>();
+    s.sizes.assign(p, p + c.numel());
+    s.packed = true;
+    for (int64_t t = 0; t < s.T(); ++t) {
+      TORCH_CHECK_VALUE(s.sizes[t] > 0 && (t == 0 || s.sizes[t] <= s.sizes[t - 1]),
+                        "batch_sizes must be positive and non-increasing, got ",
+                        c10::IntArrayRef(s.sizes));
+    }
+    s.batch = s.T() ? s.sizes[0] : 0;
+  }
+  TORCH_CHECK_VALUE(s.T() > 0, "input must have at least one time step, got shape ",
+                    input.sizes());
+  s.offsets.resize(s.T());
+  for (int64_t t = 0; t < s.T(); ++t) {
+    s.offsets[t] = s.rows;
+    s.rows += s.sizes[t];
+  }
+  if (batch_sizes) {
+    TORCH_CHECK_VALUE(s.rows == input.size(0), "batch_sizes sum to ", s.rows,
+                      " rows but the packed input has ", input.size(0));
+  }
+  return s;
+}
+
+inline at::Tensor rows(const at::Tensor& t, int64_t first, int64_t count) {
+  return t.narrow(0, first, count);
+}
+
+// The state that step t starts from, for every step at once: (N, H). Going forward in time, the
+// first sizes[t] rows of the previous step's states, or the initial state at t = 0. In reverse,
+// the next step's states for the rows that continue and the initial state for the rows whose
+// (reversed) sequence starts at t.
+inline at::Tensor previous_states(const at::Tensor& states, const at::Tensor& initial,
+                                  const Steps& s, bool reverse) {
+  at::Tensor prev = at::empty_like(states);
+  for (int64_t t = 0; t < s.T(); ++t) {
+    const int64_t n = s.sizes[t];
+    at::Tensor dst = rows(prev, s.offsets[t], n);
+    if (!reverse) {
+      dst.copy_(t == 0 ? rows(initial, 0, n) : rows(states, s.offsets[t - 1], n));
+    } else {
+      const int64_t kept = s.next_size(t, /*reverse=*/false);  // rows continuing from step t + 1
+      if (kept) rows(dst, 0, kept).copy_(rows(states, s.offsets[t + 1], kept));
+      if (n > kept) rows(dst, kept, n - kept).copy_(rows(initial, kept, n - kept));
+    }
+  }
+  return prev;
+}
+
+// The state a step starts from, while running the forward loop: `last` holds the previous
+// step's states (batch size `last_n`) or is undefined at the first step.
+inline at::Tensor start_state(const at::Tensor& last, int64_t last_n, const at::Tensor& initial,
+                              int64_t n) {
+  if (!last.defined()) return rows(initial, 0, n);
+  if (last_n >= n) return rows(last, 0, n);
+  // Reverse direction, batch grows: continuing rows, then the new sequences' initial states.
+  return at::cat({last, rows(initial, last_n, n - last_n)});
+}
+
+// The final state of each sequence: for the forward direction the sequence's last step, for the
+// reverse direction step 0 (which holds every sequence).
+inline void collect_final(at::Tensor& final, const at::Tensor& step_states, int64_t n,
+                          int64_t next_n, bool reverse) {
+  if (reverse) {
+    if (next_n == 0) final.copy_(step_states);  // step 0 comes last in reverse
+  } else if (n > next_n) {
+    rows(final, next_n, n - next_n).copy_(rows(step_states, next_n, n - next_n));
+  }
+}
+
+inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
+  TORCH_CHECK_VALUE(workspace.numel() > 0 || s.rows == 0,
+                    "workspace is empty: the forward ran with need_workspace=False (inference), "
+                    "so it kept nothing to differentiate with");
+}
+
+inline at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.flatten(0, 1) : t; }
+
+inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Tensor& input) {
+  if (input.dim() == 3) return rows_tensor.view({input.size(0), input.size(1), -1});
+  return rows_tensor;
+}
+
+}  // namespace seq
+
+// ------------------------------------------------------------------------------------- GRU
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, std::string_view gate,
+    bool need_workspace) {
+  const Gate g = parse_gate(gate);
+  const seq::Steps s = seq::make_steps(input, batch_sizes);
+  const at::Tensor x = seq::as_rows(input);
+  const int64_t H = check_weights(3, x, w_ih, w_hh, b_ih, b_hh);
+  check_state(hx, "hx", s.batch, H, input);
+  c10::OptionalDeviceGuard guard(input.device());
+
+  const at::Tensor gi = detail::project(x, w_ih, b_ih);  // every step's input projection
+  at::Tensor out = at::empty({s.rows, H}, x.options());
+  at::Tensor hy = at::empty({s.batch, H}, x.options());
+  // Training keeps every step's workspace for the backward; inference reuses one step's.
+  at::Tensor ws = at::empty({need_workspace ? s.rows : s.batch, 4 * H}, x.options());
+  const at::Tensor h0 = hx.contiguous();
+  at::Tensor last;
+  int64_t last_n = 0;
+  for (int64_t i = 0; i < s.T(); ++i) {
+    const int64_t t = reverse ? s.T() - 1 - i : i;
+    const int64_t n = s.sizes[t], off = s.offsets[t];
+    const at::Tensor h = seq::start_state(last, last_n, h0, n);
+    const at::Tensor gh = detail::project(h, w_hh, b_hh);
+    at::Tensor out_t = seq::rows(out, off, n);
+    K::gru_pointwise_fwd(seq::rows(gi, off, n), gh, h, out_t,
+                         seq::rows(ws, need_workspace ? off : 0, n), g);
+    seq::collect_final(hy, out_t, n, s.next_size(t, reverse), reverse);
+    last = out_t;
+    last_n = n;
+  }
+  if (!need_workspace) ws = at::empty({0}, x.options());
+  return {seq::shaped_like_input(out, input), hy, ws};
+}
+
+// output_mask: gradients wanted for (input, hx, parameters).
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
+                  const std::optional<at::Tensor>& grad_hy, const at::Tensor& input,
+                  const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                  const at::Tensor& output, const at::Tensor& workspace,
+                  const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                  std::string_view gate, bool has_bias, std::array<bool, 3> output_mask) {
+  const Gate g = parse_gate(gate);
+  const seq::Steps s = seq::make_steps(input, batch_sizes);
+  const at::Tensor x = seq::as_rows(input);
+  const int64_t H = check_weights(3, x, w_ih, w_hh, {}, {});
+  check_state(hx, "hx", s.batch, H, input);
+  seq::check_workspace(workspace, s);
+  check_shape(workspace, "workspace", {s.rows, 4 * H}, "(rows, 4*hidden_size)");
+  c10::OptionalDeviceGuard guard(input.device());
+
+  const at::Tensor out = seq::as_rows(output).contiguous();
+  const at::Tensor h0 = hx.contiguous();
+  const at::Tensor h_prev = seq::previous_states(out, h0, s, reverse);
+  const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
+  // dh carries the gradient of each sequence's current state, starting from grad_hy: in the
+  // forward direction a sequence's final state is its last step, in reverse it is step 0.
+  at::Tensor dh = grad_hy ? grad_hy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
+  at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
+  at::Tensor d_gh = at::empty({s.rows, 3 * H}, x.options());
+  for (int64_t i = 0; i < s.T(); ++i) {
+    const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
+    const int64_t n = s.sizes[t], off = s.offsets[t];
+    at::Tensor dh_t = seq::rows(dh, 0, n);
+    if (gout.defined()) dh_t.add_(seq::rows(gout, off, n));
+    at::Tensor d_gh_t = seq::rows(d_gh, off, n);
+    // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
+    K::gru_pointwise_bwd(dh_t, seq::rows(h_prev, off, n), seq::rows(workspace, off, n),
+                         seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
+    dh_t.addmm_(d_gh_t, w_hh);
+  }
+  auto none = [&] { return detail::not_requested(x); };
+  const bool params = output_mask[2];
+  return {output_mask[0] ? seq::shaped_like_input(at::mm(d_gi, w_ih), input) : none(),
+          output_mask[1] ? dh : none(),
+          params ? at::mm(d_gi.t(), x) : none(),
+          params ? at::mm(d_gh.t(), h_prev) : none(),
+          params && has_bias ? d_gi.sum(0) : none(),
+          params && has_bias ? d_gh.sum(0) : none()};
+}
+
+// ------------------------------------------------------------------------------------ LSTM
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lstm_seq_fwd(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& batch_sizes,
+    bool reverse, std::string_view gate, bool need_workspace) {
+  const Gate g = parse_gate(gate);
+  const seq::Steps s = seq::make_steps(input, batch_sizes);
+  const at::Tensor x = seq::as_rows(input);
+  const int64_t H = check_weights(4, x, w_ih, w_hh, b_ih, b_hh);
+  check_state(hx, "hx", s.batch, H, input);
+  check_state(cx, "cx", s.batch, H, input);
+  c10::OptionalDeviceGuard guard(input.device());
+
+  // Both biases fold into one vector; each step then adds its recurrent product in place, which
+  // leaves the summed pre-activations (the workspace) behind.
+  std::optional<at::Tensor> bias;
+  if (b_ih) bias = *b_ih + *b_hh;
+  at::Tensor gates = detail::project(x, w_ih, bias);
+  at::Tensor out = at::empty({s.rows, H}, x.options());
+  at::Tensor cs = at::empty({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
+  at::Tensor hy = at::empty({s.batch, H}, x.options());
+  at::Tensor cy = at::empty({s.batch, H}, x.options());
+  const at::Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
+  at::Tensor last_h, last_c;
+  int64_t last_n = 0;
+  for (int64_t i = 0; i < s.T(); ++i) {
+    const int64_t t = reverse ? s.T() - 1 - i : i;
+    const int64_t n = s.sizes[t], off = s.offsets[t];
+    const at::Tensor h = seq::start_state(last_h, last_n, h0, n);
+    const at::Tensor c = seq::start_state(last_c, last_n, c0, n);
+    at::Tensor gates_t = seq::rows(gates, off, n);
+    gates_t.addmm_(h, w_hh.t());
+    at::Tensor out_t = seq::rows(out, off, n);
+    // Inference alternates two cell-state buffers instead of keeping every step's.
+    at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
+    K::lstm_pointwise_fwd(gates_t, c, out_t, c_t, g);
+    const int64_t next_n = s.next_size(t, reverse);
+    seq::collect_final(hy, out_t, n, next_n, reverse);
+    seq::collect_final(cy, c_t, n, next_n, reverse);
+    last_h = out_t;
+    last_c = c_t;
+    last_n = n;
+  }
+  if (!need_workspace) {
+    gates = at::empty({0}, x.options());
+    cs = at::empty({0}, x.options());
+  }
+  return {seq::shaped_like_input(out, input), hy, cy, gates, cs};
+}
+
+// output_mask: gradients wanted for (input, hx, cx, parameters).
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
+                   const std::optional<at::Tensor>& grad_hy,
+                   const std::optional<at::Tensor>& grad_cy, const at::Tensor& input,
+                   const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
+                   const at::Tensor& cell_states, const std::optional<at::Tensor>& batch_sizes,
+                   bool reverse, std::string_view gate, bool has_bias,
+                   std::array<bool, 4> output_mask) {
+  const Gate g = parse_gate(gate);
+  const seq::Steps s = seq::make_steps(input, batch_sizes);
+  const at::Tensor x = seq::as_rows(input);
+  const int64_t H = check_weights(4, x, w_ih, w_hh, {}, {});
+  check_state(hx, "hx", s.batch, H, input);
+  check_state(cx, "cx", s.batch, H, input);
+  seq::check_workspace(workspace, s);
+  check_shape(workspace, "workspace", {s.rows, 4 * H}, "(rows, 4*hidden_size)");
+  check_shape(cell_states, "cell_states", {s.rows, H}, "(rows, hidden_size)");
+  c10::OptionalDeviceGuard guard(input.device());
+
+  const at::Tensor out = seq::as_rows(output).contiguous();
+  const at::Tensor h_prev = seq::previous_states(out, hx.contiguous(), s, reverse);
+  const at::Tensor c_prev = seq::previous_states(cell_states, cx.contiguous(), s, reverse);
+  const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
+  at::Tensor dh = grad_hy ? grad_hy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
+  at::Tensor dc = grad_cy ? grad_cy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
+  at::Tensor d_gates = at::empty({s.rows, 4 * H}, x.options());
+  for (int64_t i = 0; i < s.T(); ++i) {
+    const int64_t t = reverse ? i : s.T() - 1 - i;
+    const int64_t n = s.sizes[t], off = s.offsets[t];
+    at::Tensor dh_t = seq::rows(dh, 0, n), dc_t = seq::rows(dc, 0, n);
+    if (gout.defined()) dh_t.add_(seq::rows(gout, off, n));
+    at::Tensor d_gates_t = seq::rows(d_gates, off, n);
+    // In place on dc: the kernel reads dc'[j] and writes dc[j] at the same index.
+    K::lstm_pointwise_bwd(dh_t, dc_t, seq::rows(workspace, off, n), seq::rows(c_prev, off, n),
+                          seq::rows(cell_states, off, n), d_gates_t, dc_t, g);
+    at::mm_out(dh_t, d_gates_t, w_hh);
+  }
+  auto none = [&] { return detail::not_requested(x); };
+  const bool params = output_mask[3];
+  // d b_ih = d b_hh: both biases enter the same sum (MATH.md §1).
+  at::Tensor gb = params && has_bias ? d_gates.sum(0) : none();
+  return {output_mask[0] ? seq::shaped_like_input(at::mm(d_gates, w_ih), input) : none(),
+          output_mask[1] ? dh : none(),
+          output_mask[2] ? dc : none(),
+          params ? at::mm(d_gates.t(), x) : none(),
+          params ? at::mm(d_gates.t(), h_prev) : none(),
+          gb,
+          gb.clone()};
+}
+
+}  // namespace mapopt

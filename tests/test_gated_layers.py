@@ -1,0 +1,365 @@
+"""GatedGRU / GatedLSTM layers and their whole-sequence ops against torch.nn.GRU / LSTM (sigmoid)
+and a Python loop of the reference cells (every gate), MATH.md §1."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import mapopt_native
+from mapopt_native import reference
+from mapopt_native.nn import GatedGRU, GatedLSTM
+from mapopt_native.ops import gated_gru_layer
+
+from conftest import CPU_DTYPES, CUDA_DTYPES, assert_close
+
+GATES = mapopt_native.GATES
+ops = torch.ops.mapopt_native
+LAYERS = {"gru": (GatedGRU, torch.nn.GRU), "lstm": (GatedLSTM, torch.nn.LSTM)}
+
+
+def initial_states(kind, L, B, H, dtype, device="cpu", unbatched=False):
+    shape = (L, H) if unbatched else (L, B, H)
+    h = torch.randn(shape, dtype=dtype, device=device)
+    return h if kind == "gru" else (h, torch.randn(shape, dtype=dtype, device=device))
+
+
+def as_tuple(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def forward_and_grads(module, x, hx, grad_seed):
+    """Output, final states, and the gradients of a random projection of all of them w.r.t. the
+    input, the initial states and every parameter."""
+    leaves = [x] + [s for s in as_tuple(hx) if s is not None] + list(module.parameters())
+    out, finals = module(x, hx)
+    data = out.data if isinstance(out, PackedSequence) else out
+    gen = torch.Generator().manual_seed(grad_seed)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
+               for t in (data,) + as_tuple(finals))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+    return data, as_tuple(finals), grads
+
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first", [
+    (1, False, False), (1, True, True), (2, False, True), (2, True, False), (3, True, False)])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("given_hx", [True, False])
+def test_sigmoid_matches_torch(kind, num_layers, bidirectional, batch_first, dtype, given_hx):
+    ours_cls, torch_cls = LAYERS[kind]
+    T, B, I, H = 7, 5, 9, 11
+    theirs = torch_cls(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional,
+                       dtype=dtype)
+    ours = ours_cls(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional,
+                    dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+    L = num_layers * (2 if bidirectional else 1)
+    hx = initial_states(kind, L, B, H, dtype) if given_hx else None
+    res_o = forward_and_grads(ours, leaf(x), tuple(map(leaf, as_tuple(hx))) if hx is not None
+                              and kind == "lstm" else leaf(hx), 1)
+    res_t = forward_and_grads(theirs, leaf(x), tuple(map(leaf, as_tuple(hx))) if hx is not None
+                              and kind == "lstm" else leaf(hx), 1)
+    for a, b in zip(res_o[0:1] + res_o[1], res_t[0:1] + res_t[1]):
+        assert_close(a, b, scale=2)
+    assert len(res_o[2]) == len(res_t[2])
+    for a, b in zip(res_o[2], res_t[2]):
+        assert_close(a, b, scale=20)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_packed_unsorted_matches_torch(kind, bidirectional, dtype):
+    ours_cls, torch_cls = LAYERS[kind]
+    T, B, I, H = 8, 6, 5, 7
+    theirs = torch_cls(I, H, 2, bidirectional=bidirectional, dtype=dtype)
+    ours = ours_cls(I, H, 2, bidirectional=bidirectional, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    lengths = torch.tensor([3, 8, 1, 5, 8, 2])  # unsorted, with ties
+    hx = initial_states(kind, 2 * (2 if bidirectional else 1), B, H, dtype)
+    results = []
+    for module in (ours, theirs):
+        xl = leaf(x)
+        packed = pack_padded_sequence(xl, lengths, enforce_sorted=False)
+        h = tuple(map(leaf, hx)) if kind == "lstm" else leaf(hx)
+        out, finals = module(packed, h)
+        assert isinstance(out, PackedSequence)
+        padded, out_lengths = pad_packed_sequence(out)
+        assert torch.equal(out_lengths, lengths)
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=dtype).view_as(padded)).sum()
+        loss = loss + sum((f * f).sum() for f in as_tuple(finals))
+        grads = torch.autograd.grad(loss, [xl] + list(as_tuple(h)) + list(module.parameters()))
+        results.append((padded, as_tuple(finals), grads))
+    (po, fo, go), (pt, ft, gt) = results
+    assert_close(po, pt, scale=2)
+    for a, b in zip(fo, ft):
+        assert_close(a, b, scale=2)
+    for a, b in zip(go, gt):
+        assert_close(a, b, scale=20)
+
+
+def weights_of(module):
+    return [module._weights(layer, d) for layer in range(module.num_layers)
+            for d in range(module.num_directions)]
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_gate_matches_reference_loop(kind, gate, packed):
+    ours_cls, _ = LAYERS[kind]
+    T, B, I, H, L = 6, 4, 5, 8, 2
+    dtype = torch.float64
+    module = ours_cls(I, H, L, bidirectional=True, gate=gate, dtype=dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(4.0)  # larger pre-activations: every gate's tails matter
+    x = torch.randn(T, B, I, dtype=dtype)
+    hx = initial_states(kind, 2 * L, B, H, dtype)
+    lengths = torch.tensor([6, 2, 4, 5]) if packed else None
+    xl, hl = leaf(x), tuple(map(leaf, as_tuple(hx)))
+    inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if packed else xl
+    out, finals = module(inp, hl if kind == "lstm" else hl[0])
+    out = pad_packed_sequence(out)[0] if packed else out
+    params = list(module.parameters())
+    g_out = torch.randn_like(out)
+    loss = (out * g_out).sum() + sum(f.sum() for f in as_tuple(finals))
+    grads = torch.autograd.grad(loss, [xl, *hl] + params)
+
+    xr, hr = leaf(x), tuple(map(leaf, as_tuple(hx)))
+    out_r, finals_r = reference.rnn(kind, xr, hr, weights_of(module), gate, True, lengths)
+    loss_r = (out_r * g_out).sum() + sum(f.sum() for f in finals_r)
+    grads_r = torch.autograd.grad(loss_r, [xr, *hr] + params)
+    assert_close(out, out_r)
+    for a, b in zip(as_tuple(finals), finals_r):
+        assert_close(a, b)
+    for a, b in zip(grads, grads_r):
+        assert_close(a, b, scale=10)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck_gru_layer(gate, reverse, packed):
+    T, B, I, H = 3, 3, 2, 3
+    d = dict(dtype=torch.float64, requires_grad=True)
+    batch_sizes = torch.tensor([3, 2, 1]) if packed else None
+    x = torch.randn(6, I, **d) if packed else torch.randn(T, B, I, **d)
+    args = [x, torch.randn(B, H, **d), torch.randn(3 * H, I, **d), torch.randn(3 * H, H, **d),
+            torch.randn(3 * H, **d), torch.randn(3 * H, **d)]
+
+    def fn(*a):
+        out, hy = gated_gru_layer(*a, batch_sizes=batch_sizes, reverse=reverse, gate=gate)
+        return out, hy
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck_lstm_layer(gate, reverse, packed):
+    from mapopt_native.ops import gated_lstm_layer
+    T, B, I, H = 3, 3, 2, 3
+    d = dict(dtype=torch.float64, requires_grad=True)
+    batch_sizes = torch.tensor([3, 3, 1]) if packed else None
+    x = torch.randn(7, I, **d) if packed else torch.randn(T, B, I, **d)
+    args = [x, torch.randn(B, H, **d), torch.randn(B, H, **d), torch.randn(4 * H, I, **d),
+            torch.randn(4 * H, H, **d), torch.randn(4 * H, **d), torch.randn(4 * H, **d)]
+
+    def fn(*a):
+        return gated_lstm_layer(*a, batch_sizes=batch_sizes, reverse=reverse, gate=gate)
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)])
+def test_opcheck(kind, packed, reverse):
+    T, B, I, H = 4, 3, 5, 6
+    chunks = 3 if kind == "gru" else 4
+    d = dict(dtype=torch.float32, requires_grad=True)
+    batch_sizes = torch.tensor([3, 2, 2, 1]) if packed else None
+    x = torch.randn(8, I, **d) if packed else torch.randn(T, B, I, **d)
+    states = [torch.randn(B, H, **d) for _ in range(1 if kind == "gru" else 2)]
+    w = [torch.randn(chunks * H, I, **d), torch.randn(chunks * H, H, **d),
+         torch.randn(chunks * H, **d), torch.randn(chunks * H, **d)]
+    op = ops.gated_gru_seq_fwd if kind == "gru" else ops.gated_lstm_seq_fwd
+    args = [x, *states, *w]
+    torch.library.opcheck(op.default, args + [batch_sizes, reverse, "trig", True])
+    # Inference keeps no workspace, so nothing may require a gradient there.
+    args = [a.detach() for a in args]
+    torch.library.opcheck(op.default, args + [batch_sizes, reverse, "trig", False])
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_inference_saves_nothing(kind):
+    module = LAYERS[kind][0](4, 6, 2)
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        out, _ = module(x)
+    assert out.grad_fn is None
+    h = torch.zeros(3, 6)
+    w = [t.detach() for t in module._weights(0, 0)]
+    states = (h,) if kind == "gru" else (h, h)
+    op = ops.gated_gru_seq_fwd if kind == "gru" else ops.gated_lstm_seq_fwd
+    saved = op(x, *states, *w, None, False, "sigmoid", False)[len(states) + 1:]
+    assert all(t.numel() == 0 for t in saved)
+    saved = op(x, *states, *w, None, False, "sigmoid", True)[len(states) + 1:]
+    assert saved[0].shape == (15, 4 * 6)
+    # Differentiating an inference run is a clear error, not garbage.
+    xg = x.clone().requires_grad_()
+    out = op(xg, *states, *w, None, False, "sigmoid", False)[0]
+    with pytest.raises(ValueError, match="workspace is empty: the forward ran with need_workspace=False"):
+        out.sum().backward()
+
+
+class Tagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = GatedGRU(6, 8, num_layers=2, bidirectional=True, gate="gaussian",
+                            batch_first=True)
+        self.lstm = GatedLSTM(16, 8, gate="trig")
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.gru(x)
+        z, (h, c) = self.lstm(y.transpose(0, 1))
+        return self.head(z).sum(0) + self.head(h[0] * c[0])
+
+
+def test_compiled_model_fullgraph():
+    model = Tagger()
+    x = torch.randn(4, 7, 6)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    assert_close(out, eager, scale=4)
+    for a, b in zip(grads, eager_grads):
+        assert_close(a, b, scale=20)
+
+
+def test_torch_nn_gru_breaks_fullgraph_compile():
+    # README's claim: torch.compile cannot capture nn.GRU in one graph, while it can ours.
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)rnn|gru|graph break|unsupported"):
+        torch.compile(torch.nn.GRU(3, 4), fullgraph=True)(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_unbatched_input(kind):
+    ours_cls, torch_cls = LAYERS[kind]
+    theirs = torch_cls(3, 5, 2, bidirectional=True)
+    ours = ours_cls(3, 5, 2, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 3)
+    hx = initial_states(kind, 4, None, 5, torch.float32, unbatched=True)
+    for h in (None, hx):
+        out_o, fin_o = ours(x, h)
+        out_t, fin_t = theirs(x, h)
+        assert out_o.shape == (6, 10)
+        assert_close(out_o, out_t)
+        for a, b in zip(as_tuple(fin_o), as_tuple(fin_t)):
+            assert_close(a, b)
+
+
+def test_dropout_between_layers_in_training_only():
+    module = GatedGRU(4, 5, num_layers=2, dropout=1.0)
+    x = torch.randn(6, 3, 4)
+    # dropout=1 zeroes the second layer's input in training: it then sees only zeros.
+    module.train()
+    out_train, h_train = module(x)
+    second = GatedGRU(5, 5)
+    second.load_state_dict({k.replace("_l1", "_l0"): v for k, v in module.state_dict().items()
+                            if "_l1" in k})
+    ref, _ = second(torch.zeros(6, 3, 5), h_train.new_zeros(1, 3, 5))
+    assert_close(out_train, ref)
+    module.eval()
+    out_eval, _ = module(x)
+    assert (out_eval - out_train).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_wrong_hx_shape():
+    with pytest.raises(ValueError, match=r"hx must have shape \[2, 3, 5\]"):
+        GatedGRU(4, 5, num_layers=2)(torch.randn(6, 3, 4), torch.randn(1, 3, 5))
+    with pytest.raises(ValueError, match=r"c_0 must have shape \[1, 3, 5\]"):
+        GatedLSTM(4, 5)(torch.randn(6, 3, 4), (torch.randn(1, 3, 5), torch.randn(1, 2, 5)))
+
+
+def test_wrong_input_size():
+    with pytest.raises(ValueError, match="input has 3 features, expected input_size=4"):
+        GatedGRU(4, 5)(torch.randn(6, 3, 3))
+    with pytest.raises(ValueError, match="input must be 3-D"):
+        GatedLSTM(4, 5)(torch.randn(6, 3, 4, 1))
+
+
+def test_lengths_longer_than_sequence():
+    x = torch.randn(5, 2, 4)
+    with pytest.raises(ValueError, match="lengths longer than the padded sequence"):
+        GatedGRU(4, 5)(pack_padded_sequence(x, torch.tensor([7, 3]), enforce_sorted=False))
+
+
+def test_malformed_batch_sizes():
+    data = torch.randn(6, 4)
+    bad = PackedSequence(data, torch.tensor([2, 3, 1]))  # increasing: not a valid packing
+    with pytest.raises(ValueError, match=r"batch_sizes must be positive and non-increasing, got \[2, 3, 1\]"):
+        GatedGRU(4, 5)(bad)
+    module = GatedLSTM(4, 5)
+    with pytest.raises(ValueError, match="batch_sizes sum to 5 rows but its data has 6"):
+        module(PackedSequence(data, torch.tensor([3, 2])))
+    h = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="batch_sizes sum to 5 rows but the packed input has 6"):
+        ops.gated_lstm_seq_fwd(data, h, h, *module._weights(0, 0), torch.tensor([3, 2]), False,
+                               "sigmoid", False)
+
+
+def test_unknown_gate():
+    with pytest.raises(ValueError, match="gate must be one of 'sigmoid', 'gaussian', 'trig'"):
+        GatedGRU(4, 5, gate="softsign")
+
+
+# ------------------------------------------------------------------ CUDA vs CPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_matches_cpu(kind, gate, dtype, packed):
+    ours_cls, _ = LAYERS[kind]
+    T, B, I, H = 9, 5, 16, 24
+    cpu = ours_cls(I, H, 2, bidirectional=True, gate=gate, dtype=torch.float64)
+    rounded = lambda t: t.to(dtype).to(torch.float64)  # noqa: E731
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.copy_(rounded(p))
+    gpu = ours_cls(I, H, 2, bidirectional=True, gate=gate, device="cuda", dtype=dtype)
+    gpu.load_state_dict(cpu.state_dict())
+    x = rounded(torch.randn(T, B, I, dtype=torch.float64))
+    lengths = torch.tensor([9, 3, 7, 1, 9])
+    results = []
+    for module, dev, dt in ((cpu, "cpu", torch.float64), (gpu, "cuda", dtype)):
+        xl = x.to(dev, dt).requires_grad_()
+        inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if packed else xl
+        out, finals = module(inp)
+        data = out.data if packed else out
+        loss = (data.double() * torch.linspace(-1, 1, data.numel(), dtype=torch.float64,
+                                               device=dev).view_as(data)).sum()
+        grads = torch.autograd.grad(loss, [xl] + list(module.parameters()))
+        results.append([data] + list(as_tuple(finals)) + list(grads))
+    for a, b in zip(results[1][:-len(list(gpu.parameters())) - 1], results[0]):
+        assert_close(a.cpu().double(), b, dtype=dtype, scale=4)
+    for a, b in zip(results[1][-len(list(gpu.parameters())) - 1:],
+                    results[0][-len(list(cpu.parameters())) - 1:]):
+        assert_close(a.cpu().double(), b, dtype=dtype, scale=40)
