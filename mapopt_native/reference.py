@@ -49,17 +49,17 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
 
 def rnn(kind: str, input: Tensor, states: tuple[Tensor, ...], weights: list[tuple],
         gate_name: str = "sigmoid", bidirectional: bool = False,
-        lengths: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        lengths: Tensor | None = None, cell=None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """A multi-layer GRU ("gru") or LSTM ("lstm") as a Python loop of the reference cells.
 
     input (T, B, I); states: (h0,) or (h0, c0), each (layers*directions, B, H); weights: per
     (layer, direction) in that order, (w_ih, w_hh, b_ih, b_hh). With `lengths`, sequence b runs
     over its first lengths[b] steps only (as a packed sequence does): its state stops there (or,
     in reverse, starts there) and its outputs past the end are zero. Returns (output (T, B, D*H),
-    final states)."""
-    T, B = input.shape[:2]
+    final states). `cell` replaces the reference cell functions (benchmarks pass compiled ones)."""
+    T = input.shape[0]
+    cell = cell or (gru_cell if kind == "gru" else lstm_cell)
     D = 2 if bidirectional else 1
-    lengths = torch.full((B,), T) if lengths is None else lengths
     finals = [[] for _ in states]
     x = input
     for layer in range(len(weights) // D):
@@ -70,11 +70,12 @@ def rnn(kind: str, input: Tensor, states: tuple[Tensor, ...], weights: list[tupl
             st = tuple(s[k] for s in states)
             out = [None] * T
             for t in (reversed(range(T)) if d else range(T)):
+                new = cell(x[t], *st, *w, gate_name)
+                new = new if isinstance(new, tuple) else (new,)
+                if lengths is None:
+                    st, out[t] = new, new[0]
+                    continue
                 active = (t < lengths).to(input.device).unsqueeze(1)
-                if kind == "gru":
-                    new = (gru_cell(x[t], st[0], *w, gate_name),)
-                else:
-                    new = lstm_cell(x[t], st[0], st[1], *w, gate_name)
                 st = tuple(torch.where(active, n, s) for n, s in zip(new, st))
                 out[t] = torch.where(active, new[0], torch.zeros_like(new[0]))
             outs.append(torch.stack(out))

@@ -1,0 +1,160 @@
+"""Gated GRU / LSTM layers over a whole sequence (T = 100), training step (forward + backward)
+and inference: native (each gate) vs torch.nn.GRU / LSTM (sigmoid) vs a Python loop of the
+reference cell, eager and with the cell under torch.compile, vs sru.SRU (PyPI, a peer) at the same
+sizes, vs the floor: the same matrix products alone. Input size = H.
+
+    python bench/bench_rnn.py [--device cpu|cuda] [--batch 8,64] [--hidden 128,512] [--layers 1,2]
+
+Prints a table and writes bench/results/rnn_<device>.json. Ratios > 1 mean native is faster.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import mapopt_native  # noqa: E402
+from mapopt_native import reference  # noqa: E402
+from mapopt_native.nn import GatedGRU, GatedLSTM  # noqa: E402
+
+T = 100
+KINDS = {"gru": (GatedGRU, torch.nn.GRU, reference.gru_cell, 3),
+         "lstm": (GatedLSTM, torch.nn.LSTM, reference.lstm_cell, 4)}
+
+
+def timed(forward, params, train):
+    """One iteration: forward, and in training the gradient of every parameter."""
+    if train:
+        def run():
+            out = forward()
+            torch.autograd.grad(out.sum(), params)
+    else:
+        def run():
+            with torch.no_grad():
+                forward()
+    return run
+
+
+def floor(chunks, layers, x, H, train):
+    """The products a layer stack cannot avoid: the input projection of every step and the
+    recurrent product of each step; in training also the input gradient, each step's recurrent
+    gradient, and the two weight gradients over all steps."""
+    T_, B, _ = x.shape
+    dev = x.device
+    ws = [(torch.randn(chunks * H, x.shape[2] if k == 0 else H, device=dev),
+           torch.randn(chunks * H, H, device=dev)) for k in range(layers)]
+    rows = x.reshape(T_ * B, -1)
+    h = torch.randn(B, H, device=dev)
+    d = torch.randn(T_ * B, chunks * H, device=dev)
+    hs = torch.randn(T_ * B, H, device=dev)
+
+    def run():
+        inp = rows
+        for w_ih, w_hh in ws:
+            torch.mm(inp, w_ih.t())
+            for _ in range(T_):
+                torch.mm(h, w_hh.t())
+            if train:
+                torch.mm(d, w_ih)
+                for t in range(T_):
+                    torch.mm(d[t * B:(t + 1) * B], w_hh)
+                torch.mm(d.t(), inp)
+                torch.mm(d.t(), hs)
+            inp = hs
+    return run
+
+
+def bench_config(kind, layers, B, H, gates, device, rounds, min_run_time, compiled_cells, peers):
+    ours_cls, torch_cls, ref_cell, chunks = KINDS[kind]
+    x = torch.randn(T, B, H, device=device)
+    rows = []
+    for train in (True, False):
+        fns = {}
+        for gate in gates:
+            m = ours_cls(H, H, layers, gate=gate, device=device)
+            params = list(m.parameters())
+            weights = [m._weights(k, 0) for k in range(layers)]
+            states = tuple(torch.zeros(layers, B, H, device=device)
+                           for _ in range(1 if kind == "gru" else 2))
+            fns[f"native {gate}"] = timed(lambda m=m: m(x)[0], params, train)
+            fns[f"loop {gate}"] = timed(
+                lambda w=weights, g=gate: reference.rnn(kind, x, states, w, g)[0], params, train)
+            fns[f"compiled {gate}"] = timed(
+                lambda w=weights, g=gate: reference.rnn(kind, x, states, w, g,
+                                                        cell=compiled_cells[kind])[0],
+                params, train)
+        theirs = torch_cls(H, H, layers, device=device)
+        fns["torch.nn"] = timed(lambda: theirs(x)[0], list(theirs.parameters()), train)
+        if "sru" in peers:
+            s = peers["sru"].SRU(H, H, num_layers=layers).to(device)
+            fns["sru"] = timed(lambda: s(x)[0], list(s.parameters()), train)
+        fns["floor"] = floor(chunks, layers, x, H, train)
+        times = harness.compare(fns, min_rounds=rounds, min_run_time=min_run_time)
+        for gate in gates:
+            row = {"rnn": kind, "mode": "train" if train else "infer", "layers": layers, "B": B,
+                   "H": H, "gate": gate, "native ms": times[f"native {gate}"] * 1e3,
+                   "loop ms": times[f"loop {gate}"] * 1e3,
+                   "compiled ms": times[f"compiled {gate}"] * 1e3,
+                   "floor ms": times["floor"] * 1e3}
+            if gate == "sigmoid":
+                row["torch.nn ms"] = times["torch.nn"] * 1e3
+                if "sru" in times:
+                    row["sru ms"] = times["sru"] * 1e3
+            native = times[f"native {gate}"]
+            for k, name in (("loop", f"loop {gate}"), ("compiled", f"compiled {gate}"),
+                            ("torch.nn", "torch.nn"), ("sru", "sru")):
+                if f"{k} ms" in row:
+                    row[f"{k}/native"] = times[name] / native
+            row["native/floor"] = native / times["floor"]
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", default="8,64")
+    p.add_argument("--hidden", default="128,512")
+    p.add_argument("--layers", default="1,2")
+    p.add_argument("--kinds", default="gru,lstm")
+    p.add_argument("--gates", default=",".join(mapopt_native.GATES))
+    p.add_argument("--rounds", type=int, default=3, help="at least this many timed rounds")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of rounds, at least")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch._dynamo.config.recompile_limit = 64
+    compiled = {k: torch.compile(v[2], dynamic=True) for k, v in KINDS.items()}
+    peers = {}
+    try:
+        import sru
+        peers["sru"] = sru
+    except ImportError:
+        print("sru not installed (pip install sru): its column stays empty")
+    rows = []
+    for kind in a.kinds.split(","):
+        for layers in map(int, a.layers.split(",")):
+            for B in map(int, a.batch.split(",")):
+                for H in map(int, a.hidden.split(",")):
+                    new = bench_config(kind, layers, B, H, a.gates.split(","), a.device,
+                                       a.rounds, a.min_run_time, compiled, peers)
+                    print(harness.table(new, list(new[0])), flush=True)
+                    rows += new
+    columns = ["rnn", "mode", "layers", "B", "H", "gate", "native ms", "torch.nn ms", "loop ms",
+               "compiled ms", "sru ms", "floor ms", "torch.nn/native", "loop/native",
+               "compiled/native", "sru/native", "native/floor"]
+    print(f"\nT={T}, input size = H, {a.device}; train = forward + backward\n")
+    print(harness.table(rows, columns))
+    path = harness.write(f"rnn_{a.device}", {"machine": harness.machine(a.device), "T": T,
+                                             "rows": rows})
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
