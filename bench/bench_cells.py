@@ -38,15 +38,16 @@ def loop(step, xs, state0, params):
 
 
 def floor_loop(kind, cell, xs, h0):
-    """The same matrix products alone: per step the two forward projections and the three of the
-    backward (dh, dW_ih, dW_hh; the inputs need no gradient)."""
+    """The same matrix products alone, by the backends the native cell uses: per step the two
+    forward projections (harness.linear) and the three of the backward (ATen's mm: dh, dW_ih,
+    dW_hh; the inputs need no gradient)."""
     w_ih, w_hh = cell.weight_ih.detach(), cell.weight_hh.detach()
     d = torch.randn(h0.shape[0], w_ih.shape[0], device=h0.device)
 
     def run():
         for x in xs:
-            torch.mm(x, w_ih.t())
-            torch.mm(h0, w_hh.t())
+            harness.linear(x, w_ih)
+            harness.linear(h0, w_hh)
             torch.mm(d, w_hh)
             torch.mm(d.t(), x)
             torch.mm(d.t(), h0)
@@ -110,6 +111,8 @@ def main(argv=None):
                     rows.append(bench_one(kind, gate, B, H, a.device, a.rounds, a.min_run_time,
                                           compiled))
                     print(harness.table(rows[-1:], list(rows[-1])), flush=True)
+                    harness.write(f"cells_{a.device}", {"machine": harness.machine(a.device),
+                                                        "steps": STEPS, "rows": rows})
     columns = ["cell", "gate", "B", "H", "native ms", "eager ms", "compiled ms", "torch.nn ms",
                "floor ms", "eager/native", "compiled/native", "torch.nn/native", "floor/native"]
     print(f"\n{STEPS}-step loop, forward + backward, input size = H, {a.device}\n")

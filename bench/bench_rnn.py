@@ -40,13 +40,18 @@ def timed(forward, params, train):
 
 
 def floor(chunks, layers, x, H, train):
-    """The products a layer stack cannot avoid: the input projection of every step and the
-    recurrent product of each step; in training also the input gradient, each step's recurrent
-    gradient, and the two weight gradients over all steps."""
+    """The products a layer stack cannot avoid, by the backend the native ops use (harness.linear):
+    the input projection of every step and the recurrent product of each step (weight
+    pre-packed); in training also the input gradient, each step's recurrent gradient, and the
+    two weight gradients over all steps (ATen's mm, as the native backward)."""
     T_, B, _ = x.shape
     dev = x.device
-    ws = [(torch.randn(chunks * H, x.shape[2] if k == 0 else H, device=dev),
-           torch.randn(chunks * H, H, device=dev)) for k in range(layers)]
+    ws = []
+    for k in range(layers):
+        w_ih = torch.randn(chunks * H, x.shape[2] if k == 0 else H, device=dev)
+        w_hh = torch.randn(chunks * H, H, device=dev)
+        ws.append((w_ih, w_ih.t().contiguous(), harness.pack(w_hh, B),
+                   harness.pack(w_hh.t().contiguous(), B)))
     rows = x.reshape(T_ * B, -1)
     h = torch.randn(B, H, device=dev)
     d = torch.randn(T_ * B, chunks * H, device=dev)
@@ -54,14 +59,14 @@ def floor(chunks, layers, x, H, train):
 
     def run():
         inp = rows
-        for w_ih, w_hh in ws:
-            torch.mm(inp, w_ih.t())
+        for w_ih, w_ih_t, w_hh, w_hh_t in ws:
+            harness.linear(inp, w_ih)
             for _ in range(T_):
-                torch.mm(h, w_hh.t())
+                harness.linear(h, w_hh)
             if train:
-                torch.mm(d, w_ih)
+                torch.mm(d, w_ih_t.t())
                 for t in range(T_):
-                    torch.mm(d[t * B:(t + 1) * B], w_hh)
+                    harness.linear(d[t * B:(t + 1) * B], w_hh_t)
                 torch.mm(d.t(), inp)
                 torch.mm(d.t(), hs)
             inp = hs
@@ -125,6 +130,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="at least this many timed rounds")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of rounds, at least")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--no-sru", action="store_true", help="skip the sru peer (its CUDA kernels "
+                   "compile at first use)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -132,8 +139,9 @@ def main(argv=None):
     compiled = {k: torch.compile(v[2], dynamic=True) for k, v in KINDS.items()}
     peers = {}
     try:
-        import sru
-        peers["sru"] = sru
+        if not a.no_sru:
+            import sru
+            peers["sru"] = sru
     except ImportError:
         print("sru not installed (pip install sru): its column stays empty")
     rows = []
@@ -145,6 +153,8 @@ def main(argv=None):
                                        a.rounds, a.min_run_time, compiled, peers)
                     print(harness.table(new, list(new[0])), flush=True)
                     rows += new
+                    harness.write(f"rnn_{a.device}", {"machine": harness.machine(a.device),
+                                                      "T": T, "rows": rows})
     columns = ["rnn", "mode", "layers", "B", "H", "gate", "native ms", "torch.nn ms", "loop ms",
                "compiled ms", "sru ms", "floor ms", "torch.nn/native", "loop/native",
                "compiled/native", "sru/native", "native/floor"]

@@ -47,6 +47,22 @@ def compare(fns, min_rounds=5, min_run_time=1.0):
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def linear(x, w, b=None):
+    """x wᵀ + b by the backend the native ops use for it: oneDNN for float32 on the CPU (where
+    torch has it; csrc/cpu/onednn_linear.h), ATen's mm elsewhere. The matmul floors use it so
+    that they measure the same products the native code runs."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.nn.functional.linear(x, w, b)
+
+
+def pack(w, batch):
+    """w pre-packed for linear() over many calls (oneDNN's layout on the CPU; as is elsewhere)."""
+    if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._reorder_linear_weight(w, batch)
+    return w
+
+
 def machine(device="cpu"):
     info = {
         "device": device,

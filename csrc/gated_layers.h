@@ -159,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
   check_state(hx, "hx", s.batch, H, input);
   c10::OptionalDeviceGuard guard(input.device());
 
-  const at::Tensor gi = detail::project(x, w_ih, b_ih);  // every step's input projection
+  const at::Tensor gi = K::linear(x, w_ih, b_ih);  // every step's input projection
+  const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
   // Training keeps every step's workspace for the backward; inference reuses one step's.
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
     const int64_t t = reverse ? s.T() - 1 - i : i;
     const int64_t n = s.sizes[t], off = s.offsets[t];
     const at::Tensor h = seq::start_state(last, last_n, h0, n);
-    const at::Tensor gh = detail::project(h, w_hh, b_hh);
+    const at::Tensor gh = K::linear(h, w_hh_packed, b_hh);
     at::Tensor out_t = seq::rows(out, off, n);
     K::gru_pointwise_fwd(seq::rows(gi, off, n), gh, h, out_t,
                          seq::rows(ws, need_workspace ? off : 0, n), g);
@@ -210,6 +211,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   at::Tensor dh = grad_hy ? grad_hy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
   at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
   at::Tensor d_gh = at::empty({s.rows, 3 * H}, x.options());
+  const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_gh W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
     const int64_t n = s.sizes[t], off = s.offsets[t];
@@ -219,7 +221,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
     // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
     K::gru_pointwise_bwd(dh_t, seq::rows(h_prev, off, n), seq::rows(workspace, off, n),
                          seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
-    dh_t.addmm_(d_gh_t, w_hh);
+    dh_t.add_(K::linear(d_gh_t, w_hh_t_packed, std::nullopt));
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[2];
@@ -251,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   // leaves the summed pre-activations (the workspace) behind.
   std::optional<at::Tensor> bias;
   if (b_ih) bias = *b_ih + *b_hh;
-  at::Tensor gates = detail::project(x, w_ih, bias);
+  at::Tensor gates = K::linear(x, w_ih, bias);
+  const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor cs = at::empty({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
@@ -265,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
     const at::Tensor h = seq::start_state(last_h, last_n, h0, n);
     const at::Tensor c = seq::start_state(last_c, last_n, c0, n);
     at::Tensor gates_t = seq::rows(gates, off, n);
-    gates_t.addmm_(h, w_hh.t());
+    gates_t.add_(K::linear(h, w_hh_packed, std::nullopt));
     at::Tensor out_t = seq::rows(out, off, n);
     // Inference alternates two cell-state buffers instead of keeping every step's.
     at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
@@ -313,6 +316,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
   at::Tensor dh = grad_hy ? grad_hy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
   at::Tensor dc = grad_cy ? grad_cy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
   at::Tensor d_gates = at::empty({s.rows, 4 * H}, x.options());
+  const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_a W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;
     const int64_t n = s.sizes[t], off = s.offsets[t];
@@ -322,7 +326,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
     // In place on dc: the kernel reads dc'[j] and writes dc[j] at the same index.
     K::lstm_pointwise_bwd(dh_t, dc_t, seq::rows(workspace, off, n), seq::rows(c_prev, off, n),
                           seq::rows(cell_states, off, n), d_gates_t, dc_t, g);
-    at::mm_out(dh_t, d_gates_t, w_hh);
+    dh_t.copy_(K::linear(d_gates_t, w_hh_t_packed, std::nullopt));
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[3];

@@ -7,6 +7,7 @@
 #include "../common/cells.h"
 #include "../gated_cells.h"
 #include "../gated_layers.h"
+#include "onednn_linear.h"
 #include "vec_math.h"
 
 namespace mapopt::cpu {
@@ -20,6 +21,14 @@ void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
 }
 
 struct CpuCellKernels {
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
+                           const std::optional<at::Tensor>& b) {
+    return onednn_linear(x, w, b);
+  }
+  static at::Tensor pack_weight(const at::Tensor& w, int64_t batch) {
+    return onednn_pack(w, batch);
+  }
+
   static void gru_pointwise_fwd(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& hx,
                                 const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
     const int64_t B = hy.size(0), H = hy.size(1);

@@ -13,6 +13,7 @@
 #include "../common/scalar_math.h"
 #include "../gated_cells.h"
 #include "../gated_layers.h"
+#include "../linear.h"
 
 namespace mapopt::cuda {
 namespace {
@@ -136,6 +137,12 @@ const scalar_t* ptr_or_null(const at::Tensor& t) {
 inline int64_t stride_or_zero(const at::Tensor& t) { return t.defined() ? t.stride(0) : 0; }
 
 struct CudaCellKernels {
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
+                           const std::optional<at::Tensor>& b) {
+    return aten_linear(x, w, b);
+  }
+  static at::Tensor pack_weight(const at::Tensor& w, int64_t /*batch*/) { return w; }
+
   static void gru_pointwise_fwd(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& hx,
                                 const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
     const int64_t H = hy.size(1);
