@@ -5,8 +5,7 @@
 #include <torch/library.h>
 
 #include "../common/cells.h"
-#include "../gated_cells.h"
-#include "../gated_layers.h"
+#include "../gated_registration.h"
 #include "onednn_linear.h"
 #include "vec_math.h"
 
@@ -154,13 +153,5 @@ struct CpuCellKernels {
 }  // namespace mapopt::cpu
 
 TORCH_LIBRARY_IMPL(mapopt_native, CPU, m) {
-  using K = mapopt::cpu::CpuCellKernels;
-  m.impl("gated_gru_cell_fwd", &mapopt::gated_gru_cell_fwd<K>);
-  m.impl("gated_gru_cell_bwd", &mapopt::gated_gru_cell_bwd<K>);
-  m.impl("gated_lstm_cell_fwd", &mapopt::gated_lstm_cell_fwd<K>);
-  m.impl("gated_lstm_cell_bwd", &mapopt::gated_lstm_cell_bwd<K>);
-  m.impl("gated_gru_seq_fwd", &mapopt::gated_gru_seq_fwd<K>);
-  m.impl("gated_gru_seq_bwd", &mapopt::gated_gru_seq_bwd<K>);
-  m.impl("gated_lstm_seq_fwd", &mapopt::gated_lstm_seq_fwd<K>);
-  m.impl("gated_lstm_seq_bwd", &mapopt::gated_lstm_seq_bwd<K>);
+  mapopt::register_gated_ops<mapopt::cpu::CpuCellKernels>(m);
 }

@@ -11,8 +11,7 @@
 
 #include "../common/cells.h"
 #include "../common/scalar_math.h"
-#include "../gated_cells.h"
-#include "../gated_layers.h"
+#include "../gated_registration.h"
 #include "../linear.h"
 
 namespace mapopt::cuda {
@@ -202,13 +201,5 @@ struct CudaCellKernels {
 }  // namespace mapopt::cuda
 
 TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
-  using K = mapopt::cuda::CudaCellKernels;
-  m.impl("gated_gru_cell_fwd", &mapopt::gated_gru_cell_fwd<K>);
-  m.impl("gated_gru_cell_bwd", &mapopt::gated_gru_cell_bwd<K>);
-  m.impl("gated_lstm_cell_fwd", &mapopt::gated_lstm_cell_fwd<K>);
-  m.impl("gated_lstm_cell_bwd", &mapopt::gated_lstm_cell_bwd<K>);
-  m.impl("gated_gru_seq_fwd", &mapopt::gated_gru_seq_fwd<K>);
-  m.impl("gated_gru_seq_bwd", &mapopt::gated_gru_seq_bwd<K>);
-  m.impl("gated_lstm_seq_fwd", &mapopt::gated_lstm_seq_fwd<K>);
-  m.impl("gated_lstm_seq_bwd", &mapopt::gated_lstm_seq_bwd<K>);
+  mapopt::register_gated_ops<mapopt::cuda::CudaCellKernels>(m);
 }

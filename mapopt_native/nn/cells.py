@@ -13,6 +13,13 @@ from torch import Tensor, nn
 from ..ops import gated_cells
 
 
+def reset_like_torch_rnn(module: nn.Module) -> None:
+    """torch.nn's RNN initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter."""
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    for p in module.parameters():
+        nn.init.uniform_(p, -bound, bound)
+
+
 class _GatedCellBase(nn.Module):
     chunks: int  # gate blocks stacked in the weights: 3 (GRU) or 4 (LSTM)
 
@@ -40,10 +47,7 @@ class _GatedCellBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # torch.nn.RNNCellBase's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        reset_like_torch_rnn(self)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, gate={self.gate!r}"

@@ -6,7 +6,6 @@ move both ways. forward(input, hx=None) follows torch: batched (T, B, I) or batc
 (T, I), PackedSequence in -> PackedSequence out, multi-layer, bidirectional, dropout between
 layers in training mode. Each layer and direction is one native op over the whole sequence."""
 
-import math
 import warnings
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..ops import gated_cells, gated_layers
+from .cells import reset_like_torch_rnn
 
 
 class _GatedRNNBase(nn.Module):
@@ -55,10 +55,7 @@ class _GatedRNNBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # torch.nn.RNNBase's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        reset_like_torch_rnn(self)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, gate={self.gate!r}"

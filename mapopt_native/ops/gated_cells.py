@@ -72,8 +72,15 @@ def _check_cell(chunks, input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate):
     return H
 
 
-def grad_like(t: Tensor, wanted: bool) -> Tensor:
-    return t.new_empty(t.shape) if wanted else t.new_empty((0,))
+def fake_grads(chunks, input, states, weight_ih, weight_hh, has_bias, output_mask):
+    """Shapes of a backward op's gradients: (input, *states, weight_ih, weight_hh, bias_ih,
+    bias_hh); output_mask covers (input, *states, parameters), and what it leaves out is (0,)."""
+    *inputs_wanted, params = output_mask
+    like = [t.new_empty(t.shape) if w else t.new_empty((0,))
+            for t, w in zip((input, *states), inputs_wanted)]
+    like += [w.new_empty(w.shape) if params else w.new_empty((0,)) for w in (weight_ih, weight_hh)]
+    bias = (chunks * weight_hh.shape[1],) if params and has_bias else (0,)
+    return tuple(like) + (input.new_empty(bias), input.new_empty(bias))
 
 
 # ---------------------------------------------------------------- GRU
@@ -88,12 +95,8 @@ def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, gate):
 
 @torch.library.register_fake("mapopt_native::gated_gru_cell_bwd")
 def _(grad_hy, input, hx, weight_ih, weight_hh, workspace, gate, has_bias, output_mask):
-    H = _check_cell(3, input, hx, None, weight_ih, weight_hh, None, None, gate)
-    params = output_mask[2]
-    bias = params and has_bias
-    return (grad_like(input, output_mask[0]), grad_like(hx, output_mask[1]),
-            grad_like(weight_ih, params), grad_like(weight_hh, params),
-            input.new_empty((3 * H,) if bias else (0,)), input.new_empty((3 * H,) if bias else (0,)))
+    _check_cell(3, input, hx, None, weight_ih, weight_hh, None, None, gate)
+    return fake_grads(3, input, (hx,), weight_ih, weight_hh, has_bias, output_mask)
 
 
 def _gru_setup_context(ctx, inputs, output):
@@ -138,13 +141,8 @@ def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, gate):
 @torch.library.register_fake("mapopt_native::gated_lstm_cell_bwd")
 def _(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace, gate, has_bias,
       output_mask):
-    H = _check_cell(4, input, hx, cx, weight_ih, weight_hh, None, None, gate)
-    params = output_mask[3]
-    bias = params and has_bias
-    return (grad_like(input, output_mask[0]), grad_like(hx, output_mask[1]),
-            grad_like(cx, output_mask[2]), grad_like(weight_ih, params),
-            grad_like(weight_hh, params),
-            input.new_empty((4 * H,) if bias else (0,)), input.new_empty((4 * H,) if bias else (0,)))
+    _check_cell(4, input, hx, cx, weight_ih, weight_hh, None, None, gate)
+    return fake_grads(4, input, (hx, cx), weight_ih, weight_hh, has_bias, output_mask)
 
 
 def _lstm_setup_context(ctx, inputs, output):

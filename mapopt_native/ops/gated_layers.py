@@ -7,7 +7,7 @@ batch_sizes (an int64 CPU tensor)."""
 import torch
 from torch import Tensor
 
-from .gated_cells import check_gate, check_state, check_weights, grad_like
+from .gated_cells import check_gate, check_state, check_weights, fake_grads
 
 _ops = torch.ops.mapopt_native
 
@@ -53,12 +53,8 @@ def _(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, reverse, g
 @torch.library.register_fake("mapopt_native::gated_gru_seq_bwd")
 def _(grad_output, grad_hy, input, hx, weight_ih, weight_hh, output, workspace, batch_sizes,
       reverse, gate, has_bias, output_mask):
-    _, H = _layer_shapes(3, input, hx, weight_ih, weight_hh, None, None, batch_sizes, gate)
-    params = output_mask[2]
-    bias = params and has_bias
-    return (grad_like(input, output_mask[0]), grad_like(hx, output_mask[1]),
-            grad_like(weight_ih, params), grad_like(weight_hh, params),
-            input.new_empty((3 * H,) if bias else (0,)), input.new_empty((3 * H,) if bias else (0,)))
+    _layer_shapes(3, input, hx, weight_ih, weight_hh, None, None, batch_sizes, gate)
+    return fake_grads(3, input, (hx,), weight_ih, weight_hh, has_bias, output_mask)
 
 
 def _gru_setup_context(ctx, inputs, output):
@@ -116,13 +112,8 @@ def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, batch_sizes, revers
 @torch.library.register_fake("mapopt_native::gated_lstm_seq_bwd")
 def _(grad_output, grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, output, workspace,
       cell_states, batch_sizes, reverse, gate, has_bias, output_mask):
-    _, H = _layer_shapes(4, input, hx, weight_ih, weight_hh, None, None, batch_sizes, gate)
-    params = output_mask[3]
-    bias = params and has_bias
-    return (grad_like(input, output_mask[0]), grad_like(hx, output_mask[1]),
-            grad_like(cx, output_mask[2]), grad_like(weight_ih, params),
-            grad_like(weight_hh, params),
-            input.new_empty((4 * H,) if bias else (0,)), input.new_empty((4 * H,) if bias else (0,)))
+    _layer_shapes(4, input, hx, weight_ih, weight_hh, None, None, batch_sizes, gate)
+    return fake_grads(4, input, (hx, cx), weight_ih, weight_hh, has_bias, output_mask)
 
 
 def _lstm_setup_context(ctx, inputs, output):
