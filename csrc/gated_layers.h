@@ -34,7 +34,6 @@ struct Steps {
   std::vector<int64_t> offsets;  // first row of each step
   int64_t batch = 0;             // sequences (batch size of the first step)
   int64_t rows = 0;              // N = sum of sizes
-  bool packed = false;
 
   int64_t T() const { return static_cast<int64_t>(sizes.size()); }
   // Batch size of the step after t in processing order (0 past the end).
@@ -61,7 +60,6 @@ inline Steps make_steps(const at::Tensor& input, const std::optional<at::Tensor>
     const at::Tensor c = bs.contiguous();
     const int64_t* p = c.const_data_ptr<int64_t>();
     s.sizes.assign(p, p + c.numel());
-    s.packed = true;
     for (int64_t t = 0; t < s.T(); ++t) {
       TORCH_CHECK_VALUE(s.sizes[t] > 0 && (t == 0 || s.sizes[t] <= s.sizes[t - 1]),
                         "batch_sizes must be positive and non-increasing, got ",
@@ -138,7 +136,9 @@ inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
 inline at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.flatten(0, 1) : t; }
 
 inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Tensor& input) {
-  if (input.dim() == 3) return rows_tensor.view({input.size(0), input.size(1), -1});
+  if (input.dim() == 3) {
+    return rows_tensor.view({input.size(0), input.size(1), rows_tensor.size(1)});
+  }
   return rows_tensor;
 }
 

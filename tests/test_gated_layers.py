@@ -270,6 +270,18 @@ def test_unbatched_input(kind):
             assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_batch_zero_and_no_steps(kind):
+    module = LAYERS[kind][0](4, 5, 2, bidirectional=True)
+    x = torch.randn(3, 0, 4, requires_grad=True)
+    out, finals = module(x)
+    assert out.shape == (3, 0, 10) and all(f.shape == (4, 0, 5) for f in as_tuple(finals))
+    out.sum().backward()
+    assert x.grad.shape == (3, 0, 4)
+    with pytest.raises(ValueError, match="input must have at least one time step"):
+        module(torch.randn(0, 2, 4))
+
+
 def test_dropout_between_layers_in_training_only():
     module = GatedGRU(4, 5, num_layers=2, dropout=1.0)
     x = torch.randn(6, 3, 4)
