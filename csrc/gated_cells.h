@@ -1,10 +1,11 @@
-// The gated cell ops, written once for every device. A step is: the matrix products through ATen
-// (MKL/oneDNN on CPU, cuBLAS on CUDA), then ONE fused pointwise kernel. The pointwise kernels come
-// from a backend struct K (cpu/gated_cells.cpp, cuda/gated_cells.cu), each of which registers these
-// templates for its dispatch key.
+// The gated cell ops, written once for every device. A step is: the matrix products (the
+// backend's projections; the backward's through ATen), then ONE fused pointwise kernel. Projections
+// and pointwise kernels come from a backend struct K (cpu/gated_cells.cpp, cuda/gated_cells.cu),
+// each of which registers these templates for its dispatch key (gated_registration.h).
 //
 // K provides the projections
 //   linear(x, w, b) = x wᵀ + b, w plain (out, in) or from pack_weight
+//   linear_into(out, x, w, accumulate): out = x wᵀ, or out += x wᵀ
 //   pack_weight(w, batch): w in the backend's preferred layout, for one weight used many times
 // and, for 2-D tensors with unit column stride (rows may be strided), the pointwise kernels:
 //   gru_pointwise_fwd(gi, gh, hx, hy, ws, gate)             gi, gh (B,3H) -> hy (B,H), ws (B,4H)
@@ -30,6 +31,13 @@ namespace detail {
 
 // Placeholder for a gradient the caller did not ask for (output_mask false).
 inline at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// The LSTM's two biases enter the same sum, so they fold into one (4H) vector.
+inline std::optional<at::Tensor> summed_bias(const std::optional<at::Tensor>& b_ih,
+                                             const std::optional<at::Tensor>& b_hh) {
+  if (!b_ih) return std::nullopt;
+  return *b_ih + *b_hh;
+}
 
 }  // namespace detail
 
@@ -86,11 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_lstm_cell_fwd(
   const Gate g = parse_gate(gate);
   check_cell_inputs(4, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
   c10::OptionalDeviceGuard guard(input.device());
-  // Both biases fold into one (4H) vector.
-  std::optional<at::Tensor> bias;
-  if (b_ih) bias = *b_ih + *b_hh;
-  at::Tensor gates = K::linear(input, w_ih, bias);
-  gates.add_(K::linear(hx, w_hh, std::nullopt));
+  at::Tensor gates = K::linear(input, w_ih, detail::summed_bias(b_ih, b_hh));
+  K::linear_into(gates, hx, w_hh, /*accumulate=*/true);
   const at::Tensor c = cx.contiguous();
   at::Tensor hy = at::empty_like(c);
   at::Tensor cy = at::empty_like(c);

@@ -127,6 +127,15 @@ inline void collect_final(at::Tensor& final, const at::Tensor& step_states, int6
   }
 }
 
+// The backward's running gradient of each sequence's current state (B, H), starting from the
+// final state's gradient (zero if none came): in the forward direction a sequence's final state
+// is its last step, in reverse it is step 0. The loop updates it in place.
+inline at::Tensor carried_grad(const std::optional<at::Tensor>& grad_final, const Steps& s,
+                               int64_t H, const at::Tensor& like) {
+  return grad_final ? grad_final->clone(at::MemoryFormat::Contiguous)
+                    : at::zeros({s.batch, H}, like.options());
+}
+
 inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
   TORCH_CHECK_VALUE(workspace.numel() > 0 || s.rows == 0,
                     "workspace is empty: the forward ran with need_workspace=False (inference), "
@@ -206,9 +215,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor h_prev = seq::previous_states(out, h0, s, reverse);
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
-  // dh carries the gradient of each sequence's current state, starting from grad_hy: in the
-  // forward direction a sequence's final state is its last step, in reverse it is step 0.
-  at::Tensor dh = grad_hy ? grad_hy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
+  at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
   at::Tensor d_gh = at::empty({s.rows, 3 * H}, x.options());
   const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_gh W_hh
@@ -221,7 +228,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
     // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
     K::gru_pointwise_bwd(dh_t, seq::rows(h_prev, off, n), seq::rows(workspace, off, n),
                          seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
-    dh_t.add_(K::linear(d_gh_t, w_hh_t_packed, std::nullopt));
+    K::linear_into(dh_t, d_gh_t, w_hh_t_packed, /*accumulate=*/true);
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[2];
@@ -249,11 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   check_state(cx, "cx", s.batch, H, input);
   c10::OptionalDeviceGuard guard(input.device());
 
-  // Both biases fold into one vector; each step then adds its recurrent product in place, which
-  // leaves the summed pre-activations (the workspace) behind.
-  std::optional<at::Tensor> bias;
-  if (b_ih) bias = *b_ih + *b_hh;
-  at::Tensor gates = K::linear(x, w_ih, bias);
+  // Each step adds its recurrent product in place, which leaves the summed pre-activations (the
+  // workspace) behind.
+  at::Tensor gates = K::linear(x, w_ih, detail::summed_bias(b_ih, b_hh));
   const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor cs = at::empty({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
@@ -268,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
     const at::Tensor h = seq::start_state(last_h, last_n, h0, n);
     const at::Tensor c = seq::start_state(last_c, last_n, c0, n);
     at::Tensor gates_t = seq::rows(gates, off, n);
-    gates_t.add_(K::linear(h, w_hh_packed, std::nullopt));
+    K::linear_into(gates_t, h, w_hh_packed, /*accumulate=*/true);
     at::Tensor out_t = seq::rows(out, off, n);
     // Inference alternates two cell-state buffers instead of keeping every step's.
     at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
@@ -313,8 +318,8 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor h_prev = seq::previous_states(out, hx.contiguous(), s, reverse);
   const at::Tensor c_prev = seq::previous_states(cell_states, cx.contiguous(), s, reverse);
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
-  at::Tensor dh = grad_hy ? grad_hy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
-  at::Tensor dc = grad_cy ? grad_cy->clone(at::MemoryFormat::Contiguous) : at::zeros({s.batch, H}, x.options());
+  at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
+  at::Tensor dc = seq::carried_grad(grad_cy, s, H, x);
   at::Tensor d_gates = at::empty({s.rows, 4 * H}, x.options());
   const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_a W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
@@ -326,7 +331,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
     // In place on dc: the kernel reads dc'[j] and writes dc[j] at the same index.
     K::lstm_pointwise_bwd(dh_t, dc_t, seq::rows(workspace, off, n), seq::rows(c_prev, off, n),
                           seq::rows(cell_states, off, n), d_gates_t, dc_t, g);
-    dh_t.copy_(K::linear(d_gates_t, w_hh_t_packed, std::nullopt));
+    K::linear_into(dh_t, d_gates_t, w_hh_t_packed, /*accumulate=*/false);
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[3];

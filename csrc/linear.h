@@ -13,4 +13,15 @@ inline at::Tensor aten_linear(const at::Tensor& x, const at::Tensor& w,
   return b ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
 }
 
+// out = x Wᵀ, or out += x Wᵀ when accumulate: written in place by the BLAS (beta = 1 / out=),
+// no extra pass over out.
+inline void aten_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                             bool accumulate) {
+  if (accumulate) {
+    out.addmm_(x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
 }  // namespace mapopt

@@ -24,6 +24,10 @@ struct CpuCellKernels {
                            const std::optional<at::Tensor>& b) {
     return onednn_linear(x, w, b);
   }
+  static void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                          bool accumulate) {
+    onednn_linear_into(out, x, w, accumulate);
+  }
   static at::Tensor pack_weight(const at::Tensor& w, int64_t batch) {
     return onednn_pack(w, batch);
   }
@@ -135,7 +139,9 @@ struct CpuCellKernels {
         scalar_t* dcb = dcx.data_ptr<scalar_t>() + b * dcx.stride(0);
         for (int64_t j = j0; j < j1; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), j1 - j);
-          const auto gr = P::backward(dhyb ? load(dhyb + j, n) : V(0), dcyb ? load(dcyb + j, n) : V(0),
+          const V dh_in = dhyb ? load(dhyb + j, n) : V(0);
+          const V dc_in = dcyb ? load(dcyb + j, n) : V(0);
+          const auto gr = P::backward(dh_in, dc_in,
                                       load(ab + j, n), load(ab + H + j, n), load(ab + 2 * H + j, n),
                                       load(ab + 3 * H + j, n), load(cb + j, n), load(cyb + j, n));
           store(gr.d_i, dab + j, n);

@@ -4,8 +4,8 @@
 // recurrent products' shapes (a few rows times a hidden-size square weight) 1.2-2x slower than
 // oneDNN, and over 2x slower when oneDNN may keep the weight pre-packed for a whole sequence
 // (bench: bench_cells.py, bench_rnn.py). float32 only (oneDNN has no float64); anything else, or
-// a torch without the mkldnn ops, falls back to ATen (aten_linear). The ops are reached by name through
-// the dispatcher: ATen exports no C++ header for them.
+// a torch without the mkldnn ops, falls back to ATen (aten_linear). The ops are reached by name
+// through the dispatcher: ATen exports no C++ header for them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -56,6 +56,19 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
                           c10::IValue(std::string(""))};
   onednn_linear_op()->callBoxed(&stack);
   return stack[0].toTensor();
+}
+
+// out = x wᵀ, or out += x wᵀ when accumulate. oneDNN's linear has no out= form, so its result
+// takes one more pass into out; still faster than the BLAS product written in place.
+inline void onednn_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                               bool accumulate) {
+  if (!onednn_applies(x)) return aten_linear_into(out, x, w, accumulate);
+  const at::Tensor r = onednn_linear(x, w, std::nullopt);
+  if (accumulate) {
+    out.add_(r);
+  } else {
+    out.copy_(r);
+  }
 }
 
 }  // namespace mapopt::cpu

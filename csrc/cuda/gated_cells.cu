@@ -36,7 +36,8 @@ void launch(int64_t n, Kernel kernel, Args... args) {
 
 template <class F>
 void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "mapopt_native gated cell", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
+                                  "mapopt_native gated cell", [&] {
     dispatch_gate(gate, [&](auto g) { fn(g, scalar_t{}); });
   });
 }
@@ -139,6 +140,10 @@ struct CudaCellKernels {
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                            const std::optional<at::Tensor>& b) {
     return aten_linear(x, w, b);
+  }
+  static void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                          bool accumulate) {
+    aten_linear_into(out, x, w, accumulate);
   }
   static at::Tensor pack_weight(const at::Tensor& w, int64_t /*batch*/) { return w; }
 
