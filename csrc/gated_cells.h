@@ -7,10 +7,13 @@
 //   linear(x, w, b) = x wᵀ + b, w plain (out, in) or from pack_weight
 //   linear_into(out, x, w, accumulate): out = x wᵀ, or out += x wᵀ
 //   pack_weight(w, batch): w in the backend's preferred layout, for one weight used many times
+//   kProjectionBytes: the block size of a layer's input projection (csrc/gated_layers.h)
 // and, for 2-D tensors with unit column stride (rows may be strided), the pointwise kernels:
 //   gru_pointwise_fwd(gi, gh, hx, hy, ws, gate)             gi, gh (B,3H) -> hy (B,H), ws (B,4H)
 //   gru_pointwise_bwd(dhy, hx, ws, d_gi, d_gh, dh, gate)    -> d_gi, d_gh (B,3H), dh (B,H)
-//   lstm_pointwise_fwd(gates, cx, hy, cy, gate)             gates (B,4H) -> hy, cy (B,H)
+//   lstm_pointwise_fwd(gi, gh, cx, hy, cy, ws, gate)        gi, gh (B,4H) -> hy, cy (B,H) and
+//                                                           ws = gi + gh (B,4H) unless undefined;
+//                                                           ws may alias gi
 //   lstm_pointwise_bwd(dhy, dcy, gates, cx, cy, d_gates, dcx, gate)   dhy / dcy may be undefined
 // Workspace layouts: csrc/common/cells.h.
 #pragma once
@@ -94,12 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_lstm_cell_fwd(
   const Gate g = parse_gate(gate);
   check_cell_inputs(4, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
   c10::OptionalDeviceGuard guard(input.device());
+  // The summed pre-activations (the workspace) overwrite the input projection in place.
   at::Tensor gates = K::linear(input, w_ih, detail::summed_bias(b_ih, b_hh));
-  K::linear_into(gates, hx, w_hh, /*accumulate=*/true);
+  const at::Tensor gh = K::linear(hx.contiguous(), w_hh, std::nullopt);
   const at::Tensor c = cx.contiguous();
   at::Tensor hy = at::empty_like(c);
   at::Tensor cy = at::empty_like(c);
-  K::lstm_pointwise_fwd(gates, c, hy, cy, g);
+  K::lstm_pointwise_fwd(gates, gh, c, hy, cy, gates, g);
   return {hy, cy, gates};
 }
 

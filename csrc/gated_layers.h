@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <string_view>
@@ -142,6 +143,61 @@ inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
                     "so it kept nothing to differentiate with");
 }
 
+// The input projection x W_ihᵀ + b of every step, made a block of consecutive steps at a time,
+// in processing order, into blocks of at most K::kProjectionBytes. Why: on the CPU a whole
+// sequence's projection (rows x 4H) would be written to fresh memory and read back once, and first
+// touching that much memory costs about as much as the pass; a block of a few MB stays in cache.
+// On CUDA the budget is unlimited: the whole sequence is one product.
+template <class K>
+class Projection {
+ public:
+  Projection(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+             const Steps& s, bool reverse)
+      : x_(x), b_(b), s_(s), reverse_(reverse) {
+    const int64_t row_bytes = w.size(0) * x.element_size();
+    max_rows_ = std::max<int64_t>(1, K::kProjectionBytes / std::max<int64_t>(row_bytes, 1));
+    whole_ = s.rows <= max_rows_;
+    w_ = whole_ ? w : K::pack_weight(w, max_rows_);  // one weight, many products
+  }
+
+  // Whether one product covers the whole sequence; then block() is that product, once a step
+  // has been asked for.
+  bool whole() const { return whole_; }
+  const at::Tensor& block() const { return block_; }
+
+  // The rows of step t; steps are asked for in processing order.
+  at::Tensor step(int64_t t) {
+    if (!block_.defined() || t < first_ || t > last_) make_block(t);
+    return rows(block_, s_.offsets[t] - s_.offsets[first_], s_.sizes[t]);
+  }
+
+ private:
+  // The block that starts at step t in processing order: steps t.. forward, ..t in reverse.
+  void make_block(int64_t t) {
+    int64_t lo = t, hi = t, count = s_.sizes[t];
+    if (whole_) {
+      lo = 0, hi = s_.T() - 1, count = s_.rows;
+    } else if (!reverse_) {
+      while (hi + 1 < s_.T() && count + s_.sizes[hi + 1] <= max_rows_) count += s_.sizes[++hi];
+    } else {
+      while (lo > 0 && count + s_.sizes[lo - 1] <= max_rows_) count += s_.sizes[--lo];
+    }
+    first_ = lo;
+    last_ = hi;
+    block_ = K::linear(rows(x_, s_.offsets[lo], count), w_, b_);
+  }
+
+  const at::Tensor& x_;
+  at::Tensor w_;
+  const std::optional<at::Tensor>& b_;
+  const Steps& s_;
+  const bool reverse_;
+  int64_t max_rows_ = 0;
+  bool whole_ = false;
+  at::Tensor block_;
+  int64_t first_ = 0, last_ = -1;
+};
+
 inline at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.flatten(0, 1) : t; }
 
 inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Tensor& input) {
@@ -168,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
   check_state(hx, "hx", s.batch, H, input);
   c10::OptionalDeviceGuard guard(input.device());
 
-  const at::Tensor gi = K::linear(x, w_ih, b_ih);  // every step's input projection
+  seq::Projection<K> gi(x, w_ih, b_ih, s, reverse);
   const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
@@ -183,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
     const at::Tensor h = seq::start_state(last, last_n, h0, n);
     const at::Tensor gh = K::linear(h, w_hh_packed, b_hh);
     at::Tensor out_t = seq::rows(out, off, n);
-    K::gru_pointwise_fwd(seq::rows(gi, off, n), gh, h, out_t,
+    K::gru_pointwise_fwd(gi.step(t), gh, h, out_t,
                          seq::rows(ws, need_workspace ? off : 0, n), g);
     seq::collect_final(hy, out_t, n, s.next_size(t, reverse), reverse);
     last = out_t;
@@ -256,10 +312,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   check_state(cx, "cx", s.batch, H, input);
   c10::OptionalDeviceGuard guard(input.device());
 
-  // Each step adds its recurrent product in place, which leaves the summed pre-activations (the
-  // workspace) behind.
-  at::Tensor gates = K::linear(x, w_ih, detail::summed_bias(b_ih, b_hh));
+  const std::optional<at::Tensor> bias = detail::summed_bias(b_ih, b_hh);
+  seq::Projection<K> gi(x, w_ih, bias, s, reverse);
   const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
+  // Training keeps every step's summed pre-activations (the workspace): in place of the
+  // projection when that is one tensor, else in their own buffer. Inference keeps none.
+  at::Tensor gates = need_workspace && !gi.whole() ? at::empty({s.rows, 4 * H}, x.options())
+                                                   : at::Tensor();
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor cs = at::empty({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
@@ -272,12 +331,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
     const int64_t n = s.sizes[t], off = s.offsets[t];
     const at::Tensor h = seq::start_state(last_h, last_n, h0, n);
     const at::Tensor c = seq::start_state(last_c, last_n, c0, n);
-    at::Tensor gates_t = seq::rows(gates, off, n);
-    K::linear_into(gates_t, h, w_hh_packed, /*accumulate=*/true);
+    const at::Tensor gi_t = gi.step(t);
+    const at::Tensor gh = K::linear(h, w_hh_packed, std::nullopt);
     at::Tensor out_t = seq::rows(out, off, n);
     // Inference alternates two cell-state buffers instead of keeping every step's.
     at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
-    K::lstm_pointwise_fwd(gates_t, c, out_t, c_t, g);
+    at::Tensor ws_t;
+    if (need_workspace) ws_t = gi.whole() ? gi_t : seq::rows(gates, off, n);
+    K::lstm_pointwise_fwd(gi_t, gh, c, out_t, c_t, ws_t, g);
     const int64_t next_n = s.next_size(t, reverse);
     seq::collect_final(hy, out_t, n, next_n, reverse);
     seq::collect_final(cy, c_t, n, next_n, reverse);
@@ -288,6 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   if (!need_workspace) {
     gates = at::empty({0}, x.options());
     cs = at::empty({0}, x.options());
+  } else if (gi.whole()) {
+    gates = gi.block();
   }
   return {seq::shaped_like_input(out, input), hy, cy, gates, cs};
 }

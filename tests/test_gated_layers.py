@@ -104,6 +104,41 @@ def test_packed_unsorted_matches_torch(kind, bidirectional, dtype):
         assert_close(a, b, scale=20)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
+    # Sizes whose input projection exceeds the CPU block budget (4 MiB: csrc/cpu/gated_cells.cpp),
+    # so it is made in several blocks, block edges falling inside the packed batch's shrinking.
+    ours_cls, torch_cls = LAYERS[kind]
+    T, B, I, H = 100, 64, 16, 64
+    theirs = torch_cls(I, H, bidirectional=True, dtype=dtype)
+    ours = ours_cls(I, H, bidirectional=True, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    results = []
+    for module in (ours, theirs):
+        xl = leaf(x)
+        inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if packed else xl
+        out, finals = module(inp)
+        out = pad_packed_sequence(out)[0] if packed else out
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum()
+        grads = torch.autograd.grad(loss, [xl] + list(module.parameters()))
+        with torch.no_grad():
+            inference = module(inp)[0]
+        inference = pad_packed_sequence(inference)[0] if packed else inference
+        results.append((out, as_tuple(finals), grads, inference))
+    (oo, fo, go, io), (ot, ft, gt, it) = results
+    assert_close(oo, ot, scale=2)
+    assert_close(io, it, scale=2)
+    for a, b in zip(fo, ft):
+        assert_close(a, b, scale=2)
+    for a, b in zip(go, gt):
+        assert_close(a, b, scale=100)
+
+
 def weights_of(module):
     return [module._weights(layer, d) for layer in range(module.num_layers)
             for d in range(module.num_directions)]

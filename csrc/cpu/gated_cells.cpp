@@ -20,6 +20,10 @@ void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
 }
 
 struct CpuCellKernels {
+  // Input projections are made in blocks of this size (csrc/gated_layers.h, seq::Projection):
+  // small enough to stay in the last-level cache, large enough for an efficient product.
+  static constexpr int64_t kProjectionBytes = int64_t{4} << 20;
+
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                            const std::optional<at::Tensor>& b) {
     return onednn_linear(x, w, b);
@@ -93,23 +97,31 @@ struct CpuCellKernels {
     });
   }
 
-  static void lstm_pointwise_fwd(const at::Tensor& gates, const at::Tensor& cx,
-                                 const at::Tensor& hy, const at::Tensor& cy, Gate gate) {
+  static void lstm_pointwise_fwd(const at::Tensor& gi, const at::Tensor& gh,
+                                 const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
+                                 const at::Tensor& ws, Gate gate) {
     const int64_t B = hy.size(0), H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
       using V = Vectorized<scalar_t>;
       using P = LstmPointwise<decltype(g)::value, V, VecMath>;
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const scalar_t* ab = gates.const_data_ptr<scalar_t>() + b * gates.stride(0);
+        const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
+        const scalar_t* ghb = gh.const_data_ptr<scalar_t>() + b * gh.stride(0);
         const scalar_t* cb = cx.const_data_ptr<scalar_t>() + b * cx.stride(0);
         scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
         scalar_t* cyb = cy.data_ptr<scalar_t>() + b * cy.stride(0);
+        // ws may alias gi: each element is read before it is written.
+        scalar_t* wsb = ws.defined() ? ws.data_ptr<scalar_t>() + b * ws.stride(0) : nullptr;
         for (int64_t j = j0; j < j1; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), j1 - j);
+          V a[4];
+          for (int k = 0; k < 4; ++k) {
+            a[k] = load(gib + k * H + j, n) + load(ghb + k * H + j, n);
+            if (wsb) store(a[k], wsb + k * H + j, n);
+          }
           V c_new;
-          const V h_new = P::forward(load(ab + j, n), load(ab + H + j, n), load(ab + 2 * H + j, n),
-                                     load(ab + 3 * H + j, n), load(cb + j, n), c_new);
+          const V h_new = P::forward(a[0], a[1], a[2], a[3], load(cb + j, n), c_new);
           store(h_new, hyb + j, n);
           store(c_new, cyb + j, n);
         }

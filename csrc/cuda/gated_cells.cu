@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../common/cells.h"
 #include "../common/scalar_math.h"
@@ -89,17 +90,25 @@ __global__ void gru_bwd_kernel(int64_t n, int64_t H, const scalar_t* dhy, int64_
 }
 
 template <Gate G, class scalar_t>
-__global__ void lstm_fwd_kernel(int64_t n, int64_t H, const scalar_t* a, int64_t a_s,
-                                const scalar_t* cx, int64_t cx_s, scalar_t* hy, int64_t hy_s,
-                                scalar_t* cy, int64_t cy_s) {
+__global__ void lstm_fwd_kernel(int64_t n, int64_t H, const scalar_t* gi, int64_t gi_s,
+                                const scalar_t* gh, int64_t gh_s, const scalar_t* cx,
+                                int64_t cx_s, scalar_t* hy, int64_t hy_s, scalar_t* cy,
+                                int64_t cy_s, scalar_t* ws, int64_t ws_s) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = LstmPointwise<G, acc_t, ScalarMath>;
   MAPOPT_GRID_STRIDE(e, n) {
     const int64_t b = e / H, j = e - b * H;
-    const scalar_t* ab = a + b * a_s;
+    acc_t a[4];
+    for (int k = 0; k < 4; ++k) {
+      // The workspace keeps the summed pre-activation in the input dtype, as the backward reads
+      // it; ws may alias gi (each thread reads its elements before writing them).
+      const scalar_t sum = static_cast<acc_t>(gi[b * gi_s + k * H + j]) +
+                           static_cast<acc_t>(gh[b * gh_s + k * H + j]);
+      if (ws) ws[b * ws_s + k * H + j] = sum;
+      a[k] = sum;
+    }
     acc_t c_new;
-    const acc_t h_new =
-        P::forward(ab[j], ab[H + j], ab[2 * H + j], ab[3 * H + j], cx[b * cx_s + j], c_new);
+    const acc_t h_new = P::forward(a[0], a[1], a[2], a[3], cx[b * cx_s + j], c_new);
     hy[b * hy_s + j] = h_new;
     cy[b * cy_s + j] = c_new;
   }
@@ -137,6 +146,9 @@ const scalar_t* ptr_or_null(const at::Tensor& t) {
 inline int64_t stride_or_zero(const at::Tensor& t) { return t.defined() ? t.stride(0) : 0; }
 
 struct CudaCellKernels {
+  // The whole sequence's input projection is one product (csrc/gated_layers.h, seq::Projection).
+  static constexpr int64_t kProjectionBytes = std::numeric_limits<int64_t>::max();
+
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                            const std::optional<at::Tensor>& b) {
     return aten_linear(x, w, b);
@@ -173,15 +185,17 @@ struct CudaCellKernels {
     });
   }
 
-  static void lstm_pointwise_fwd(const at::Tensor& gates, const at::Tensor& cx,
-                                 const at::Tensor& hy, const at::Tensor& cy, Gate gate) {
+  static void lstm_pointwise_fwd(const at::Tensor& gi, const at::Tensor& gh,
+                                 const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
+                                 const at::Tensor& ws, Gate gate) {
     const int64_t H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
       launch(hy.numel(), lstm_fwd_kernel<decltype(g)::value, scalar_t>, H,
-             gates.const_data_ptr<scalar_t>(), gates.stride(0), cx.const_data_ptr<scalar_t>(),
-             cx.stride(0), hy.data_ptr<scalar_t>(), hy.stride(0), cy.data_ptr<scalar_t>(),
-             cy.stride(0));
+             gi.const_data_ptr<scalar_t>(), gi.stride(0), gh.const_data_ptr<scalar_t>(),
+             gh.stride(0), cx.const_data_ptr<scalar_t>(), cx.stride(0), hy.data_ptr<scalar_t>(),
+             hy.stride(0), cy.data_ptr<scalar_t>(), cy.stride(0),
+             ws.defined() ? ws.data_ptr<scalar_t>() : nullptr, stride_or_zero(ws));
     });
   }
 
