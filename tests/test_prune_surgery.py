@@ -31,14 +31,22 @@ def cnn(c1=4, c2=6, dim=2, pool=False):
 
 
 class RNNHead(nn.Module):
-    def __init__(self, cls, hidden=6, num_layers=1, bidirectional=False, input_size=4):
+    """[Linear(4, proj) -> tanh ->] recurrent -> Linear head on the last axis, or (steps) on the
+    output flattened over time."""
+
+    def __init__(self, cls, hidden=6, num_layers=1, bidirectional=False, proj=None, steps=None):
         super().__init__()
-        self.rnn = cls(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional,
+        self.proj = nn.Linear(4, proj) if proj else None
+        self.rnn = cls(proj or 4, hidden, num_layers=num_layers, bidirectional=bidirectional,
                        batch_first=True)
-        self.head = nn.Linear(hidden * (2 if bidirectional else 1), 3)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1) * (steps or 1), 3)
+        self.steps = steps
 
     def forward(self, x):
-        return self.head(self.rnn(x)[0])
+        if self.proj is not None:
+            x = torch.tanh(self.proj(x))
+        out = self.rnn(x)[0]
+        return self.head(out.flatten(1) if self.steps else out)
 
 
 def randomise_batch_norms(model):
@@ -57,6 +65,11 @@ CASES = [("mlp", mlp, (8,), (5, 6)),
 CASES += [(f"{cls.__name__}-{layers}l{'-bi' if bi else ''}",
            lambda h, cls=cls, layers=layers, bi=bi: RNNHead(cls, h, layers, bi), (6,), (3, 5, 4))
           for cls in RNNS for layers in (1, 2) for bi in (False, True)]
+CASES += [("linear-GatedLSTM-2l-bi", lambda p, h: RNNHead(GatedLSTM, h, 2, True, proj=p), (8, 6),
+           (3, 5, 4)),
+          ("linear-GRU-bi", lambda p, h: RNNHead(nn.GRU, h, 1, True, proj=p), (8, 6), (3, 5, 4)),
+          ("GatedGRU-bi-flattened", lambda h: RNNHead(GatedGRU, h, 1, True, steps=5), (6,),
+           (3, 5, 4))]
 IDS = [c[0] for c in CASES]
 
 
@@ -114,17 +127,19 @@ def zero_outgoing(model, removed):
         head = model[-1].weight.data
         head.view(head.shape[0], model[3].out_channels, -1)[:, removed["3"]] = 0
         return
-    rnn, directions = model.rnn, 2 if model.rnn.bidirectional else 1
-    hidden = rnn.hidden_size
+    rnn, hidden = model.rnn, model.rnn.hidden_size
+    directions = ("", "_reverse") if rnn.bidirectional else ("",)
+    if model.proj is not None:
+        for sfx in directions:
+            getattr(rnn, f"weight_ih_l0{sfx}").data[:, removed["proj"]] = 0
     for layer in range(rnn.num_layers):
         units = removed[f"rnn.l{layer}"]
-        columns = [d * hidden + u for d in range(directions) for u in units]
-        reads = ([getattr(rnn, f"weight_ih_l{layer + 1}{sfx}") for sfx in ("", "_reverse")[:directions]]
+        reads = ([getattr(rnn, f"weight_ih_l{layer + 1}{sfx}") for sfx in directions]
                  if layer + 1 < rnn.num_layers else [model.head.weight])
-        for sfx in ("", "_reverse")[:directions]:
+        for sfx in directions:
             getattr(rnn, f"weight_hh_l{layer}{sfx}").data[:, units] = 0
-        for w in reads:
-            w.data[:, columns] = 0
+        for w in reads:  # features (time steps, directions, hidden unit): the unit axis last
+            w.data.view(w.shape[0], -1, hidden)[:, :, units] = 0
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -227,6 +242,28 @@ def test_coupled_and_unsupported_groups_are_skipped_with_the_reason():
     assert "grouped convolution (groups=4)" in report.skipped["0"]
     assert "grouped convolution (groups=4)" in report.skipped["2"]
     assert model[0].out_channels == 4 and report.removed == 0
+
+
+class Reuses(nn.Module):
+    """a is called twice; c reads both a's and b's units; a's units reach rnn's initial state."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.p, self.rnn = nn.Linear(4, 4), nn.GRU(4, 4)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.a(torch.relu(self.a(x))))) + self.c(torch.relu(self.b(x)))
+        return self.rnn(x, torch.tanh(self.p(x[:1])))[0]
+
+
+def test_shared_modules_and_initial_states_are_coupled():
+    model = Reuses()
+    report = prune_units(model, random_scores(model), 0.5)
+    assert report.skipped["a"] == "a is called more than once"
+    assert report.skipped["b"] == "its consumer c is called more than once"
+    assert report.skipped["p"] == "its units reach rnn other than as its input"
+    assert report.removed == 0 and [g.name for g in unit_groups(model)].count("a") == 1
 
 
 @pytest.mark.parametrize("amount", [-0.1, 1.0, 1.5, True, "0.5", None])
