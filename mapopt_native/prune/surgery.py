@@ -87,8 +87,8 @@ def _prune(model: nn.Module, scores: Mapping, scope: str, min_units: int,
     report = PruneReport()
     bundles = []
     for bundle in _bundles(groups):
-        reasons = {g.name: g.coupled or _refusal(g) or (None if g.name in scores else "no score given")
-                   for g in bundle}
+        reasons = {g.name: g.coupled or _refusal(g) or (
+            None if g.name in scores else "no score given") for g in bundle}
         bad = next((name for name, why in reasons.items() if why), None)
         if bad is None:
             bundles.append(bundle)
