@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .surgery import PruneReport, _prune, check_amount
+from .surgery import PruneReport, _check_amount, _prune
 
 
 def finetune(model: nn.Module, data: Iterable, loss: Callable, epochs: int = 1, *,
@@ -108,7 +108,7 @@ def prune_iteratively(model: nn.Module, data: Iterable, loss: Callable, *, amoun
 
     finetune_options go to finetune (lr, alpha, distance, temperature, device, progress); each
     round gets a fresh optimizer since pruning replaces the parameters."""
-    check_amount(amount)
+    _check_amount(amount)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, numbers.Integral) \

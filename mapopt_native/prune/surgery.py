@@ -49,11 +49,11 @@ class PruneReport:
     skipped: dict[str, str] = field(default_factory=dict)         # group name -> why it was left
 
     @property
-    def removed(self) -> int:
+    def total_removed(self) -> int:
         return sum(len(c.removed) for c in self.groups.values())
 
 
-def check_amount(amount) -> None:
+def _check_amount(amount) -> None:
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount < 1:
         raise ValueError(f"amount must be a fraction in [0, 1), got {amount!r}")
 
@@ -70,7 +70,7 @@ def prune_units(model: nn.Module, scores: Mapping, amount: float, *, scope: str 
 
     The pruned parameters are new nn.Parameter objects (requires_grad kept, .grad dropped): build
     optimizers (and anything else holding parameters) after pruning."""
-    check_amount(amount)
+    _check_amount(amount)
     return _prune(model, scores, scope, min_units, lambda units, key: math.floor(amount * units))
 
 
