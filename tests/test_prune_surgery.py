@@ -362,3 +362,14 @@ def test_prune_iteratively_reaches_the_one_shot_size(scope):
     if scope == "layer":  # 10 -> 4, 6 -> 3 like one-shot pruning, not the floors compounded
         assert (model[0].out_features, model[2].out_features) == (4, 3)
     model(torch.randn(3, 4)).sum().backward()
+
+
+def test_prune_iteratively_shrinks_every_layer_of_a_recurrent_module_alike():
+    model = RNNHead(GatedGRU, 9, num_layers=2, bidirectional=True)
+    data = [(torch.randn(4, 5, 4), torch.randn(4, 5, 3))]
+    result = prune_iteratively(model, data, F.mse_loss, amount=0.5, steps=2, scorer=random_scores,
+                               finetune_epochs=1, progress=False)
+    assert [r.groups["rnn.l1"].after for r in result.reports] == [7, 5]  # 9 * 0.5**0.5 -> 7 -> 5
+    assert [r.groups["rnn.l0"].after for r in result.reports] == [7, 5]
+    assert model.rnn.hidden_size == 5 and model.head.in_features == 10
+    model(torch.randn(2, 5, 4)).sum().backward()
