@@ -266,7 +266,7 @@ def test_coupled_and_unsupported_groups_are_skipped_with_the_reason():
 
 
 class Reuses(nn.Module):
-    """a is called twice; c reads both a's and b's units; a's units reach rnn's initial state."""
+    """a is called twice; c reads both a's and b's units; p's units reach rnn's initial state."""
 
     def __init__(self):
         super().__init__()
@@ -275,7 +275,8 @@ class Reuses(nn.Module):
 
     def forward(self, x):
         x = self.c(torch.relu(self.a(torch.relu(self.a(x))))) + self.c(torch.relu(self.b(x)))
-        return self.rnn(x, torch.tanh(self.p(x[:1])))[0]
+        h = torch.tanh(self.p(x))  # into rnn as its input and (another node) its initial state
+        return self.rnn(h, h[-1:])[0]
 
 
 def test_shared_modules_and_initial_states_are_coupled():

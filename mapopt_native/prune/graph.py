@@ -156,19 +156,20 @@ def _follow(group: UnitGroup, start: fx.Node, modules: dict) -> None:
     before_activation = True
     while stack:
         node, source = stack.pop()
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, PRODUCERS):  # every edge into a consumer is checked
+            others = []
+            fx.node.map_arg((node.args[1:], node.kwargs), others.append)
+            if node.args[:1] != (source,) or source in others:
+                # e.g. a recurrent module's initial state: not the columns of its input
+                group.coupled = group.coupled or (
+                    f"its units reach {node.target} other than as its input")
+            elif (node.target, module) not in group.consumers:
+                group.consumers.append((node.target, module))
+            continue
         if node in seen:
             continue
         seen.add(node)
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, PRODUCERS):
-            others = []
-            fx.node.map_arg((node.args[1:], node.kwargs), others.append)
-            if node.args[:1] == (source,) and source not in others:
-                group.consumers.append((node.target, module))
-            else:  # e.g. a recurrent module's initial state: not the columns of its input
-                group.coupled = group.coupled or (
-                    f"its units reach {node.target} other than as its input")
-            continue
         if (before_activation and isinstance(module, _BATCH_NORMS) and group.batch_norm is None
                 and group.activation is None and not group.residual):
             group.batch_norm = module
