@@ -13,6 +13,7 @@ break the model, so prune_units leaves it to a dependency-graph pruner (Torch-Pr
 importance: mapopt_native.prune.torch_pruning)."""
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -150,40 +151,47 @@ def _is_flatten(node: fx.Node, modules: dict) -> bool:
 def _follow(group: UnitGroup, start: fx.Node, modules: dict) -> None:
     """Walks from the producer's output to the layers that read its units, filling the group's
     BatchNorm, activation, consumers and `coupled` (the first reason found)."""
-    stack = list(start.users)
+    stack = [(user, start) for user in start.users]  # (node, the node its units come from)
     seen = set()
     before_activation = True
     while stack:
-        node = stack.pop()
+        node, source = stack.pop()
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, PRODUCERS):  # every edge into a consumer is checked
+            others = []
+            fx.node.map_arg((node.args[1:], node.kwargs), others.append)
+            if node.args[:1] != (source,) or source in others:
+                # e.g. a recurrent module's initial state: not the columns of its input
+                group.coupled = group.coupled or (
+                    f"its units reach {node.target} other than as its input")
+            elif (node.target, module) not in group.consumers:
+                group.consumers.append((node.target, module))
+            continue
         if node in seen:
             continue
         seen.add(node)
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, PRODUCERS):
-            group.consumers.append((node.target, module))
-            continue
         if (before_activation and isinstance(module, _BATCH_NORMS) and group.batch_norm is None
                 and group.activation is None and not group.residual):
             group.batch_norm = module
-            stack.extend(node.users)
+            stack.extend((user, node) for user in node.users)
             continue
         act = _activation(node, modules)
         if act is not None and group.activation is None:
             group.activation = act
             before_activation = False
-            stack.extend(node.users)
+            stack.extend((user, node) for user in node.users)
             continue
         if node.op == "call_function" and node.target in (operator.add, torch.add) and before_activation:
             # A residual add: the units are scored with the other summand held fixed, but their
             # channels are tied to the other branch, so they can't be removed alone.
             group.residual = True
             group.coupled = group.coupled or f"its output is added to another branch ({node.name})"
-            stack.extend(node.users)
+            stack.extend((user, node) for user in node.users)
             continue
         if _passes(node, modules):
             if _is_flatten(node, modules):
                 group.flattened = True
-            stack.extend(node.users)
+            stack.extend((user, node) for user in node.users)
             continue
         what = "the model's output" if node.op == "output" else f"{node.op} {node.target}"
         group.coupled = group.coupled or f"its units reach {what}"
@@ -193,24 +201,37 @@ def unit_groups(model: nn.Module) -> list[UnitGroup]:
     """Every unit group of `model`, in forward order (coupled ones included, see UnitGroup)."""
     gm = trace(model)
     modules = dict(gm.named_modules())
-    groups = []
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    groups, seen = [], set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], PRODUCERS):
             continue
+        if node.target in seen:
+            continue  # called again: one group per module, coupled below
+        seen.add(node.target)
         module = modules[node.target]
         if isinstance(module, RECURRENT):
             last = module.num_layers - 1
+            new = []
             for layer in range(module.num_layers):
                 g = UnitGroup(f"{node.target}.l{layer}", module, layer=layer)
                 if layer == last:
                     _follow(g, node, modules)
                 else:
                     g.consumers.append((node.target, module))
-                groups.append(g)
-            continue
-        g = UnitGroup(node.target, module)
-        _follow(g, node, modules)
-        if not g.consumers and g.coupled is None:
-            g.coupled = "nothing reads its units"
-        groups.append(g)
+                new.append(g)
+        else:
+            g = UnitGroup(node.target, module)
+            _follow(g, node, modules)
+            if not g.consumers and g.coupled is None:
+                g.coupled = "nothing reads its units"
+            new = [g]
+        for g in new:
+            # A module called twice shares its weights between calls whose other ends differ.
+            shared = [name for name, m in g.consumers if calls[name] > 1 and m is not module]
+            if calls[node.target] > 1:
+                g.coupled = g.coupled or f"{node.target} is called more than once"
+            elif shared:
+                g.coupled = g.coupled or f"its consumer {shared[0]} is called more than once"
+        groups += new
     return groups
