@@ -5,7 +5,7 @@ against the eager reference, and the fused activation against torch.nn.functiona
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import mapopt_native
@@ -177,10 +177,11 @@ def test_reduction_and_leading_dims():
 # ---------------------------------------------------------------- smoothed: Monte Carlo
 
 
-def smoothed_scores_mc(f, xs, sigma, groups=24, per_group=8000):
-    """An estimate of Σ_samples ‖∇²f_σ(x)‖_F² / len(xs) per output element of f (batched: (n, d) ->
-    (n, m)), f_σ(x) = E f(x + ε), ε ~ N(0, σ² I), independent of any closed form, and its standard
-    error. The Hessian by Stein's identity with antithetic pairs,
+def smoothed_scores_mc(f, xs, sigma, units=lambda v: v, groups=24, per_group=8000):
+    """An estimate of the mean over the samples xs of ‖∇²f_σ(x)‖_F² per output element of f
+    (batched: (n, d) -> (n, m)), summed into units by `units`, f_σ(x) = E f(x + ε), ε ~ N(0, σ² I),
+    independent of any closed form, and its standard error. The Hessian by Stein's identity with
+    antithetic pairs,
         ∇²f_σ(x) = E[(f(x+ε) + f(x-ε) - 2 f(x)) (εεᵀ - σ² I)] / (2σ⁴),
     averaged in independent groups; ‖E Ĥ‖² by the unbiased U-statistic over pairs of groups, its
     standard error by the jackknife over groups."""
@@ -200,7 +201,7 @@ def smoothed_scores_mc(f, xs, sigma, groups=24, per_group=8000):
     sq = H.pow(2).sum((-1, -2))  # (G, samples, m)
 
     def u_stat(tot, sq_sum, g):
-        return ((tot.pow(2).sum((-1, -2)) - sq_sum) / (g * (g - 1))).mean(0)
+        return units(((tot.pow(2).sum((-1, -2)) - sq_sum) / (g * (g - 1))).mean(0))
 
     estimate = u_stat(total, sq.sum(0), groups)
     leave_one_out = torch.stack([u_stat(total - H[g], sq.sum(0) - sq[g], groups - 1)
@@ -237,9 +238,8 @@ def test_smoothed_conv_matches_monte_carlo(activation):
     def f(v):
         return phi(activation)(F.conv2d(v.reshape((-1,) + shape[1:]), w, b, 1, 1)).flatten(1)
 
-    estimate, se = smoothed_scores_mc(f, x.flatten(1), sigma, per_group=4000)
-    estimate = estimate.view(2, -1).sum(1)
-    se = se.view(2, -1).pow(2).sum(1).sqrt()  # positions: nearly independent, a rough SE
+    estimate, se = smoothed_scores_mc(f, x.flatten(1), sigma, lambda v: v.view(2, -1).sum(1),
+                                      per_group=4000)
     got = hessian_norm_conv2d(x, w, b, padding=1, activation=activation, sigma=sigma, **CONST)
     assert_within_mc(got, estimate, se)
 
@@ -332,8 +332,7 @@ def test_empty_batch_and_nan():
        dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), k=st.integers(1, 4),
        size=st.integers(4, 9), batch=st.integers(1, 3))
 def test_conv_geometry_property(dims, stride, padding, dilation, groups, k, size, batch):
-    if dilation * (k - 1) + 1 > size + 2 * padding:
-        return  # no output position
+    assume(dilation * (k - 1) + 1 <= size + 2 * padding)  # at least one output position
     x, w, b = conv_layer(dims, (batch, 2 * groups) + (size,) * dims, 2 * groups, (k,) * dims,
                          groups)
     _, ours = CONV[dims]
@@ -376,8 +375,9 @@ def test_activation_with_hessian_norm_accumulator_dtype_and_linear_s():
     acc = torch.zeros(33, dtype=torch.float64)
     out = activation_with_hessian_norm(z, (w * w).sum(1), acc, "tanh")
     assert out.dtype == torch.float32
-    x_free = reference.activation_with_hessian_norm(z.double(), (w * w).sum(1).double(), "tanh")[1]
-    assert_close(acc, x_free, dtype=torch.float32)
+    expected = reference.activation_with_hessian_norm(z.double(), (w * w).sum(1).double(),
+                                                      "tanh")[1]
+    assert_close(acc, expected, dtype=torch.float32)
 
 
 def test_activation_with_hessian_norm_sums_to_scores():
@@ -390,6 +390,16 @@ def test_activation_with_hessian_norm_sums_to_scores():
         activation_with_hessian_norm(half, s, acc, "gelu")
     assert_close(acc.flatten(1).sum(1) / 4, hessian_norm_conv2d(x, w, b, padding=1,
                                                                 activation="gelu"))
+
+
+@pytest.mark.parametrize("activation", ["softplus", "gelu", "leaky_relu"])
+def test_activation_gradcheck(activation):
+    z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(6, dtype=torch.float64) + 0.1
+    acc = torch.zeros(6, dtype=torch.float64)
+    sigma = sigma_for(activation)
+    assert torch.autograd.gradcheck(
+        lambda v: activation_with_hessian_norm(v, s, acc, activation, sigma=sigma, **CONST), z)
 
 
 # ---------------------------------------------------------------- opcheck, compile
@@ -444,7 +454,8 @@ def test_compile_fullgraph():
 def test_bad_inputs():
     x = torch.randn(6, 5)
     w = torch.randn(4, 5)
-    with pytest.raises(ValueError, match=r"activation must be one of 'tanh', .*'identity', got 'swish'"):
+    with pytest.raises(ValueError,
+                       match=r"activation must be one of 'tanh', .*'identity', got 'swish'"):
         hessian_norm_linear(x, w, activation="swish")
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
         hessian_norm_linear(x, w, reduction="max")
@@ -452,7 +463,8 @@ def test_bad_inputs():
         hessian_norm_linear(x, torch.randn(4, 4))
     with pytest.raises(ValueError, match=r"weight must have shape \(out_features, in_features\)"):
         hessian_norm_linear(x, torch.randn(5))
-    with pytest.raises(ValueError, match=r"bias must have shape \(out_features,\) = \[4\], got \[3\]"):
+    with pytest.raises(ValueError,
+                       match=r"bias must have shape \(out_features,\) = \[4\], got \[3\]"):
         hessian_norm_linear(x, w, torch.randn(3))
     with pytest.raises(TypeError, match="weight has dtype Double but input has dtype Float"):
         hessian_norm_linear(x, w.double())
@@ -465,7 +477,8 @@ def test_bad_inputs():
         hessian_norm_conv2d(torch.randn(2, 3, 6, 6), torch.randn(4, 1, 3, 3), groups=3)
     with pytest.raises(ValueError, match="groups must be >= 1, got 0"):
         hessian_norm_conv2d(xc, torch.randn(4, 4, 3, 3), groups=0)
-    with pytest.raises(ValueError, match=r"input must have shape \(batch, in_channels, height, width\)"):
+    with pytest.raises(ValueError,
+                       match=r"input must have shape \(batch, in_channels, height, width\)"):
         hessian_norm_conv2d(xc[0], torch.randn(4, 4, 3, 3))
     with pytest.raises(ValueError, match="with 1 spatial dim"):
         hessian_norm_conv1d(xc, torch.randn(4, 4, 3, 3))
