@@ -2,6 +2,7 @@
 // column blocks) and their registration; the ops are written once in csrc/hessian_norm.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ceil_div.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,9 +18,9 @@ namespace {
 // Columns per task: the block's running sums (8 KiB in float) stay in L1 while its rows stream by.
 constexpr int64_t kColumnBlock = 2048;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t column_blocks(int64_t M) { return std::max<int64_t>(1, ceil_div(M, kColumnBlock)); }
+int64_t column_blocks(int64_t M) {
+  return std::max<int64_t>(1, at::ceil_div<int64_t>(M, kColumnBlock));
+}
 
 bool run_parallel(int64_t B, int64_t M) {
   return B * M > kPointwiseGrain && at::get_num_threads() > 1;
@@ -37,7 +38,8 @@ struct CpuHessianKernels {
   // layer's units); one when they suffice (a convolution's channels x positions).
   static int64_t row_blocks(int64_t B, int64_t M) {
     if (!run_parallel(B, M)) return 1;
-    return std::clamp<int64_t>(ceil_div(at::get_num_threads(), column_blocks(M)), 1, B);
+    return std::clamp<int64_t>(at::ceil_div<int64_t>(at::get_num_threads(), column_blocks(M)), 1,
+                               B);
   }
 
   static void hessian_term_partials(const at::Tensor& z, const at::Tensor& s,

@@ -4,6 +4,7 @@
 // blocks are summed after in a fixed order. half / bfloat16 are computed in float.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ceil_div.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
@@ -21,8 +22,6 @@ namespace {
 
 // Row blocks stop splitting below this many rows each: the register sum is the cheap part.
 constexpr int64_t kMinRowsPerBlock = 16;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <class F>
 void dispatch(const at::Tensor& t, Activation a, const F& fn) {
@@ -71,8 +70,9 @@ struct CudaHessianKernels {
   static int64_t row_blocks(int64_t B, int64_t M) {
     if (M == 0) return 1;
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t wanted = ceil_div(sms * 8, grid_blocks(M));
-    return std::clamp<int64_t>(std::min(wanted, ceil_div(B, kMinRowsPerBlock)), 1, 65535);
+    const int64_t wanted = at::ceil_div<int64_t>(sms * 8, grid_blocks(M));
+    return std::clamp<int64_t>(std::min(wanted, at::ceil_div<int64_t>(B, kMinRowsPerBlock)), 1,
+                               65535);
   }
 
   static void hessian_term_partials(const at::Tensor& z, const at::Tensor& s,
