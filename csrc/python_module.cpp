@@ -1,8 +1,9 @@
-// mapopt_native._C: what is not an op (build facts, the gate names). Kept apart from
-// registration.cpp so the CMake library (C++ users, no Python) links the ops without pybind.
+// mapopt_native._C: what is not an op (build facts, the gate and activation names). Kept apart
+// from registration.cpp so the CMake library (C++ users, no Python) links the ops without pybind.
 // MAPOPT_WITH_CUDA, MAPOPT_CUDA_ARCH, MAPOPT_CPU_ISA and MAPOPT_TORCH_VERSION are set by setup.py.
 #include <torch/extension.h>
 
+#include "common/activations.h"
 #include "common/gates.h"
 
 #ifndef MAPOPT_WITH_CUDA
@@ -27,6 +28,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("gate_names", [] {
     pybind11::tuple names(mapopt::kNumGates);
     for (int i = 0; i < mapopt::kNumGates; ++i) names[i] = mapopt::kGateNames[i];
+    return names;
+  });
+  m.def("activation_names", [] {
+    pybind11::tuple names(mapopt::kNumActivations);
+    for (int i = 0; i < mapopt::kNumActivations; ++i) names[i] = mapopt::kActivationNames[i];
     return names;
   });
 }

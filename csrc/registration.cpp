@@ -57,4 +57,28 @@ TORCH_LIBRARY(mapopt_native, m) {
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)",
       tags);
+
+  // Hessian-norm importance, MATH.md §2.1-2.2. activation: one of mapopt_native.ACTIVATIONS;
+  // sigma (> 0) smooths the piecewise-linear ones and is required for them; reduction: "mean" or
+  // "sum" over the batch. Scores are (out_features,) / (out_channels,); no autograd.
+  m.def(
+      "hessian_norm_linear(Tensor input, Tensor weight, Tensor? bias, str activation, "
+      "float? sigma, float negative_slope, float alpha, str reduction) -> Tensor",
+      tags);
+  m.def(
+      "hessian_norm_conv(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "int[] dilation, int groups, str activation, float? sigma, float negative_slope, "
+      "float alpha, str reduction) -> Tensor",
+      tags);
+  // φ(z) and, in the same pass, the batch sum (over dim 0) of the per-element term, shape
+  // z.shape[1:] in z's opmath dtype; the wrapper adds it to the caller's accumulator. Functional
+  // (no Tensor(a!)) because register_autograd refuses mutating ops.
+  m.def(
+      "activation_with_hessian_norm_fwd(Tensor z, Tensor s, str activation, float? sigma, "
+      "float negative_slope, float alpha) -> (Tensor output, Tensor hessian_term_sum)",
+      tags);
+  m.def(
+      "activation_with_hessian_norm_bwd(Tensor grad_output, Tensor z, str activation, "
+      "float negative_slope, float alpha) -> Tensor",
+      tags);
 }

@@ -9,6 +9,8 @@ from . import nn, reference  # noqa: F401
 
 # The gate families (MATH.md §1), in the order the native code numbers them.
 GATES = tuple(_C.gate_names())
+# The activations of the Hessian-norm criterion (MATH.md §2.1), likewise.
+ACTIVATIONS = tuple(_C.activation_names())
 
 
 def build_info():
@@ -25,4 +27,4 @@ def build_info():
     }
 
 
-__all__ = ["GATES", "build_info", "nn", "ops", "reference"]
+__all__ = ["ACTIVATIONS", "GATES", "build_info", "nn", "ops", "reference"]

@@ -3,10 +3,14 @@
 It is the test oracle, the benchmark baseline, and the path for what the kernels don't serve
 (forward-mode AD, double backward)."""
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["gate", "gru_cell", "lstm_cell", "rnn"]
+__all__ = ["gate", "gru_cell", "lstm_cell", "rnn", "activation", "activation_second_derivative",
+           "hessian_term", "hessian_norm_linear", "hessian_norm_conv",
+           "activation_with_hessian_norm"]
 
 
 def gate(name: str, z: Tensor) -> Tensor:
@@ -83,3 +87,83 @@ def rnn(kind: str, input: Tensor, states: tuple[Tensor, ...], weights: list[tupl
                 f.append(s)
         x = torch.cat(outs, dim=-1)
     return x, tuple(torch.stack(f) for f in finals)
+
+
+# ---------------------------------------------------------------- Hessian-norm importance (§2)
+
+
+def activation(name: str, z: Tensor, negative_slope: float = 0.01, alpha: float = 1.0) -> Tensor:
+    """φ(z) by torch.nn.functional."""
+    F = torch.nn.functional
+    fns = {
+        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": F.softplus, "silu": F.silu,
+        "gelu": F.gelu, "elu": lambda t: F.elu(t, alpha), "relu": F.relu,
+        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope), "identity": lambda t: t,
+    }
+    return fns[name](z)
+
+
+def activation_second_derivative(name: str, z: Tensor, alpha: float = 1.0) -> Tensor:
+    """φ''(z) of a smooth activation, the table of MATH.md §2.1."""
+    if name == "tanh":
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+    s = torch.sigmoid(z)
+    if name == "sigmoid":
+        return s * (1 - s) * (1 - 2 * s)
+    if name == "softplus":
+        return s * (1 - s)
+    if name == "silu":
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+    if name == "gelu":
+        return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (2 - z * z)
+    if name == "elu":
+        return torch.where(z < 0, alpha * torch.exp(z), torch.zeros_like(z))
+    raise ValueError(f"no exact second derivative for {name!r}")
+
+
+def hessian_term(name: str, z: Tensor, s: Tensor, sigma: float | None = None,
+                 negative_slope: float = 0.01, alpha: float = 1.0) -> Tensor:
+    """‖∇²f‖_F² of each element: φ''(z)² s² (§2.1), or for relu / leaky_relu / identity the
+    Gaussian-smoothed k² ϕ(z/τ)² s² / τ², τ = σ sqrt(s), k = 1, 1 - a, 0 (§2.2)."""
+    if name not in ("relu", "leaky_relu", "identity"):
+        return (activation_second_derivative(name, z, alpha) * s) ** 2
+    kink = {"relu": 1.0, "leaky_relu": 1.0 - negative_slope, "identity": 0.0}[name]
+    s = s.expand_as(z)
+    tau = sigma * torch.sqrt(s)
+    pdf = torch.exp(-0.5 * (z / tau) ** 2) / math.sqrt(2 * math.pi)
+    return torch.where(s > 0, kink ** 2 * pdf ** 2 * s ** 2 / tau ** 2, torch.zeros_like(z))
+
+
+def hessian_norm_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None,
+                        activation: str = "tanh", sigma: float | None = None,
+                        negative_slope: float = 0.01, alpha: float = 1.0,
+                        reduction: str = "mean") -> Tensor:
+    """I_k = ‖w_k‖⁴ mean_rows φ''(z_k)² (§2.1); input (..., in) with leading dims as rows."""
+    x = input.reshape(-1, weight.shape[1])
+    z = torch.nn.functional.linear(x, weight, bias)
+    term = hessian_term(activation, z, (weight * weight).sum(1), sigma, negative_slope, alpha)
+    total = term.sum(0)
+    return total / x.shape[0] if reduction == "mean" else total
+
+
+def hessian_norm_conv(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+                      padding=0, dilation=1, groups: int = 1, activation: str = "tanh",
+                      sigma: float | None = None, negative_slope: float = 0.01,
+                      alpha: float = 1.0, reduction: str = "mean") -> Tensor:
+    """I_c = mean_batch Σ_p φ''(z_{c,p})² s_{c,p}², s = conv(ones, w²) (§2.1); conv1d or conv2d
+    by the weight's rank."""
+    conv = torch.nn.functional.conv1d if weight.dim() == 3 else torch.nn.functional.conv2d
+    z = conv(input, weight, bias, stride, padding, dilation, groups)
+    s = conv(torch.ones_like(input[:1]), weight * weight, None, stride, padding, dilation, groups)
+    term = hessian_term(activation, z, s, sigma, negative_slope, alpha)
+    total = term.sum(0).flatten(1).sum(1)
+    return total / input.shape[0] if reduction == "mean" else total
+
+
+def activation_with_hessian_norm(z: Tensor, s: Tensor, activation_name: str,
+                                 sigma: float | None = None, negative_slope: float = 0.01,
+                                 alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(φ(z), Σ over dim 0 of the per-element term): what the fused op returns and adds."""
+    term = hessian_term(activation_name, z, s, sigma, negative_slope, alpha)
+    return activation(activation_name, z, negative_slope, alpha), term.sum(0)

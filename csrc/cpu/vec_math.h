@@ -12,7 +12,7 @@ namespace mapopt::cpu {
 
 using at::vec::Vectorized;
 
-// exp / sin / cos / tanh of a SIMD vector (SLEEF under ATen's Vectorized).
+// exp / sin / cos / tanh / erf / log1p of a SIMD vector (SLEEF under ATen's Vectorized).
 struct VecMath {
   template <class V>
   static V exp(const V& x) { return x.exp(); }
@@ -22,6 +22,13 @@ struct VecMath {
   static V cos(const V& x) { return x.cos(); }
   template <class V>
   static V tanh(const V& x) { return x.tanh(); }
+  template <class V>
+  static V erf(const V& x) { return x.erf(); }
+  template <class V>
+  static V log1p(const V& x) { return x.log1p(); }
+  // c <= 0 ? a : b per lane (a NaN c selects b)
+  template <class V>
+  static V select_le0(const V& c, const V& a, const V& b) { return V::blendv(b, a, c <= V(0)); }
 };
 
 // The first n (<= Vectorized::size()) elements at p; the rest of the vector is zero.

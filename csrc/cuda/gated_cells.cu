@@ -14,26 +14,10 @@
 #include "../common/scalar_math.h"
 #include "../gated_registration.h"
 #include "../linear.h"
+#include "launch.cuh"
 
 namespace mapopt::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-// Grid-stride launch over n elements (64-bit indices), on the current stream.
-template <class Kernel, class... Args>
-void launch(int64_t n, Kernel kernel, Args... args) {
-  if (n == 0) return;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
-  kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(n, args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-#define MAPOPT_GRID_STRIDE(i, n)                                                          \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 template <class F>
 void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
