@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from mapopt_native import reference  # noqa: E402
+from mapopt_native.prune import ImportanceTracker  # noqa: E402
 from mapopt_native.ops import (activation_with_hessian_norm, hessian_norm_conv2d,  # noqa: E402
                                hessian_norm_linear)
 
@@ -115,6 +116,33 @@ def bench_size(name, activation, device, min_run_time, compiled):
     return row
 
 
+def tracker_models(device):
+    """Whole models for ImportanceTracker's overhead on a forward pass (eval mode)."""
+    nn = torch.nn
+    mlp = nn.Sequential(nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(),
+                        nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10))
+    cnn = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.SiLU(),
+                        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.SiLU(),
+                        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.SiLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return {"mlp 3x1024 tanh, B=256": (mlp.to(device).eval(), torch.randn(256, 1024, device=device)),
+            "cnn 3x(64ch 3x3 BN SiLU) 32x32, B=32":
+                (cnn.to(device).eval(), torch.randn(32, 64, 32, 32, device=device))}
+
+
+def bench_tracker(device, min_run_time):
+    rows = []
+    for name, (model, x) in tracker_models(device).items():
+        tracker = ImportanceTracker(model)
+        tracked = tracker._gm  # the tracked forward the model runs while the tracker is active
+        with torch.no_grad():
+            t = harness.compare({"forward": lambda: model(x), "tracked": lambda: tracked(x)},
+                                min_run_time=min_run_time)
+        rows.append({"model": name, "forward ms": t["forward"] * 1e3,
+                     "tracked ms": t["tracked"] * 1e3, "tracked/forward": t["tracked"] / t["forward"]})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -144,8 +172,12 @@ def main(argv=None):
             print(f"  {r['size']}: {r['torch.func subset']}")
     print()
     print(harness.table(rows, columns))
+    trackers = bench_tracker(a.device, min_run_time)
+    print("\nImportanceTracker on whole models (forward pass, eval mode; target tracked/forward <= 1.2)")
+    print(harness.table(trackers, list(trackers[0])))
     path = harness.write(f"importance_{a.device}", {"machine": harness.machine(a.device),
-                                                    "quick": a.quick, "rows": rows})
+                                                    "quick": a.quick, "rows": rows,
+                                                    "tracker": trackers})
     print(f"\nwrote {path}")
     return rows
 

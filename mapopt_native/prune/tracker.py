@@ -37,6 +37,18 @@ class _TrackedActivation(nn.Module):
         return out
 
 
+class _InputShape(nn.Module):
+    """Passes a convolution's input through, noting its shape (the borders of s depend on it)."""
+
+    def __init__(self, tracker: "ImportanceTracker", name: str):
+        super().__init__()
+        self.tracker, self.name = [tracker], name
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.tracker[0]._input_shapes[self.name] = x.shape
+        return x
+
+
 class ImportanceTracker:
     """Accumulates the hessian_norm scores of `model`'s unit groups (Linear / Conv + BatchNorm +
     activation chains; recurrent layers need the estimator: see score) over every forward pass
@@ -64,17 +76,23 @@ class ImportanceTracker:
                     f"ImportanceTracker: {needs} end in a piecewise-linear activation whose exact "
                     "Hessian is zero almost everywhere; pass sigma > 0 to score their Gaussian-"
                     "smoothed mappings (MATH.md §2.2)")
-        self._gm = self._rewrite(trace(model))
         self._input_shapes: dict[str, torch.Size] = {}
-        self._hooks = []
         self._scales: dict[str, tuple] = {}
+        self._gm = self._rewrite(trace(model))
         self.reset()
 
     def _rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
         sites = {}
         for g in self.groups:
             sites.setdefault(g.activation.site.name, []).append(g)
+        convs = {g.name: g for g in self.groups if not isinstance(g.module, nn.Linear)}
         for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node.target in convs:
+                target = f"_mapopt_shape_{node.name}"
+                gm.add_submodule(target, _InputShape(self, node.target))
+                with gm.graph.inserting_before(node):
+                    noted = gm.graph.call_module(target, (node.args[0],))
+                node.args = (noted,) + tuple(node.args[1:])
             if node.name not in sites:
                 continue
             target = f"_mapopt_tracked_{node.name}"
@@ -108,19 +126,10 @@ class ImportanceTracker:
         self._sums: dict[str, list] = {}
 
     def start(self) -> "ImportanceTracker":
-        if self._hooks:
-            return self
-        for g in self.groups:
-            if not isinstance(g.module, nn.Linear):  # conv borders depend on the input size
-                self._hooks.append(g.module.register_forward_pre_hook(
-                    lambda m, args, name=g.name: self._input_shapes.__setitem__(name, args[0].shape)))
         self.model.forward = self._gm.forward  # the instance attribute shadows the class's
         return self
 
     def stop(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
         self.model.__dict__.pop("forward", None)
 
     def __enter__(self):
