@@ -1,7 +1,9 @@
 """Thin wrappers over torch.ops.mapopt_native.*, with the ops' fake kernels (shapes, for
 torch.compile) and autograd formulas. One module per capability."""
 
+from .distill import kd_loss, mapping_distance
 from .gated_cells import gated_gru_cell, gated_lstm_cell
 from .gated_layers import gated_gru_layer, gated_lstm_layer
 
-__all__ = ["gated_gru_cell", "gated_lstm_cell", "gated_gru_layer", "gated_lstm_layer"]
+__all__ = ["gated_gru_cell", "gated_lstm_cell", "gated_gru_layer", "gated_lstm_layer", "kd_loss",
+           "mapping_distance"]

@@ -1,0 +1,129 @@
+// The distillation ops (MATH.md §3), written once for every device on top of a kernel backend K
+// (csrc/cpu/distill.cpp, csrc/cuda/distill.cu), with their input checks. K provides:
+//   kd_loss_rows(student, teacher, target, params, ignore_index, loss, grad)
+//     per-row losses (N,) and, when grad is defined, the rows of ∂L_b/∂s_b (N, C);
+//   mapping_distance_fwd(students, teachers, out) and mapping_distance_bwd(grad, students,
+//     teachers, grads): every pair in one pass / launch.
+// Inputs reach K contiguous; `target` may be undefined (no CE term).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/distill.h"
+
+namespace mapopt {
+
+inline Distance parse_distance(std::string_view name) {
+  for (int i = 0; i < kNumDistances; ++i) {
+    if (name == kDistanceNames[i]) return static_cast<Distance>(i);
+  }
+  TORCH_CHECK_VALUE(false, "distance must be 'l2' or 'kl', got '", std::string(name), "'");
+}
+
+inline Distance check_kd_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& target, double alpha,
+                                std::string_view distance, double temperature) {
+  const Distance d = parse_distance(distance);
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
+                    "temperature must be positive and finite, got ", temperature);
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()),
+                   "student logits must have a floating dtype, got ", student.scalar_type());
+  TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) > 0,
+                    "student logits must be 2-D (N, C) with C >= 1, got shape ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher logits must have the student's ",
+                    "shape (N, C) = ", student.sizes(), ", got ", teacher.sizes());
+  check_like(teacher, "teacher logits", student, "student logits");
+  if (target) {
+    TORCH_CHECK_TYPE(target->scalar_type() == at::kLong,
+                     "target must hold int64 class indices, got dtype ", target->scalar_type());
+    TORCH_CHECK_VALUE(target->dim() == 1 && target->size(0) == student.size(0),
+                      "target must have shape (N,) = (", student.size(0),
+                      ",) to match student logits ", student.sizes(), ", got ", target->sizes());
+    TORCH_CHECK(target->device() == student.device(), "target is on ", target->device(),
+                " but student logits are on ", student.device());
+  }
+  return d;
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student,
+                                               const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& target,
+                                               double alpha, std::string_view distance,
+                                               double temperature, int64_t ignore_index,
+                                               bool need_grad) {
+  const Distance d = check_kd_inputs(student, teacher, target, alpha, distance, temperature);
+  const c10::DeviceGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const at::Tensor y = target ? target->contiguous() : at::Tensor();
+  at::Tensor loss = at::empty({s.size(0)}, s.options());
+  // Written by the same kernel only when the student's gradient will be asked for.
+  at::Tensor grad = need_grad ? at::empty_like(s) : at::empty({0}, s.options());
+  K::kd_loss_rows(s, t, y, d, alpha, temperature, ignore_index, loss,
+                  need_grad ? grad : at::Tensor());
+  return {loss, grad};
+}
+
+// Both lists non-empty and of one length; pair j: same shape, a batch dimension; every tensor of
+// one floating dtype and device.
+inline void check_pairs(at::TensorList students, at::TensorList teachers) {
+  TORCH_CHECK_VALUE(!students.empty(), "students must hold at least one tensor");
+  TORCH_CHECK_VALUE(students.size() == teachers.size(), "students and teachers must have one ",
+                    "length, got ", students.size(), " and ", teachers.size());
+  const at::Tensor& ref = students[0];
+  TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()),
+                   "students[0] must have a floating dtype, got ", ref.scalar_type());
+  for (size_t j = 0; j < students.size(); ++j) {
+    const std::string sj = "students[" + std::to_string(j) + "]";
+    const std::string tj = "teachers[" + std::to_string(j) + "]";
+    TORCH_CHECK_VALUE(students[j].dim() >= 1, sj, " must have a batch dimension, got a scalar");
+    TORCH_CHECK_VALUE(teachers[j].sizes() == students[j].sizes(), tj, " must have the shape of ",
+                      sj, " = ", students[j].sizes(), ", got ", teachers[j].sizes());
+    check_like(students[j], sj.c_str(), ref, "students[0]");
+    check_like(teachers[j], tj.c_str(), ref, "students[0]");
+  }
+}
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+template <class K>
+at::Tensor mapping_distance_fwd(at::TensorList students, at::TensorList teachers) {
+  check_pairs(students, teachers);
+  const c10::DeviceGuard guard(students[0].device());
+  at::Tensor out = at::empty({static_cast<int64_t>(students.size())}, students[0].options());
+  K::mapping_distance_fwd(contiguous_all(students), contiguous_all(teachers), out);
+  return out;
+}
+
+template <class K>
+std::vector<at::Tensor> mapping_distance_bwd(const at::Tensor& grad_distances,
+                                             at::TensorList students, at::TensorList teachers) {
+  check_pairs(students, teachers);
+  const int64_t P = static_cast<int64_t>(students.size());
+  TORCH_CHECK_VALUE(grad_distances.dim() == 1 && grad_distances.size(0) == P,
+                    "grad_distances must have shape (", P, ",), got ", grad_distances.sizes());
+  check_like(grad_distances, "grad_distances", students[0], "students[0]");
+  const c10::DeviceGuard guard(students[0].device());
+  std::vector<at::Tensor> grads;
+  grads.reserve(P);
+  for (const auto& s : students) grads.push_back(at::empty(s.sizes(), s.options()));
+  K::mapping_distance_bwd(grad_distances.contiguous(), contiguous_all(students),
+                          contiguous_all(teachers), grads);
+  return grads;
+}
+
+}  // namespace mapopt
