@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers the torch.ops.mapopt_native.* ops
 from . import ops  # noqa: F401  (fake kernels and autograd formulas of those ops)
-from . import nn, reference  # noqa: F401
+from . import distill, nn, reference  # noqa: F401
 
 # The gate families (MATH.md §1), in the order the native code numbers them.
 GATES = tuple(_C.gate_names())
@@ -25,4 +25,4 @@ def build_info():
     }
 
 
-__all__ = ["GATES", "build_info", "nn", "ops", "reference"]
+__all__ = ["GATES", "build_info", "distill", "nn", "ops", "reference"]

@@ -91,16 +91,18 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     The teacher receives no gradient. One pass over the logits computes the loss and, when the
     student requires grad, its gradient rows too; the backward only scales them."""
     _check_reduction(reduction)
-    torch._check(student_logits.dim() >= 1 and student_logits.shape[-1] > 0, lambda: (
-        f"student_logits must be (..., C) with C >= 1, got shape {list(student_logits.shape)}"))
+    # Plain raises (not torch._check): these run in the traced function itself under compile.
+    if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must be (..., C) with C >= 1, got shape "
+                         f"{list(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits must have the shape of student_logits "
+                         f"{list(student_logits.shape)}, got {list(teacher_logits.shape)}")
+    if target is not None and target.shape != student_logits.shape[:-1]:
+        raise ValueError(f"target must have shape {list(student_logits.shape[:-1])} "
+                         f"(student_logits {list(student_logits.shape)} without its class dim), "
+                         f"got {list(target.shape)}")
     C = student_logits.shape[-1]
-    torch._check(teacher_logits.shape == student_logits.shape, lambda: (
-        f"teacher_logits must have the shape of student_logits {list(student_logits.shape)}, "
-        f"got {list(teacher_logits.shape)}"))
-    if target is not None:
-        torch._check(target.shape == student_logits.shape[:-1], lambda: (
-            f"target must have shape {list(student_logits.shape[:-1])} (student_logits "
-            f"{list(student_logits.shape)} without its class dim), got {list(target.shape)}"))
     lead = student_logits.shape[:-1]
     s = student_logits.reshape(-1, C)
     t = teacher_logits.reshape(-1, C)
@@ -165,7 +167,7 @@ def _md_backward(ctx, grad_distances):
     saved = ctx.saved_tensors
     students, teachers = saved[:ctx.pairs], saved[ctx.pairs:]
     grads = _ops.mapping_distance_bwd(grad_distances.contiguous(), students, teachers)
-    return grads, None
+    return grads, [None] * ctx.pairs
 
 
 torch.library.register_autograd("mapopt_native::mapping_distance_fwd", _md_backward,
@@ -184,11 +186,14 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     (weights applied), "sum" Σ_j w_j D_j, "mean" Σ_j w_j D_j / number of pairs."""
     _check_reduction(reduction)
     students, teachers = list(students), list(teachers)
+    if not students:  # the dispatcher needs a tensor to pick a kernel
+        raise ValueError("students must hold at least one tensor")
     d = _ops.mapping_distance_fwd(students, [t.detach() for t in teachers])
     if weights is not None:
         w = torch.as_tensor(weights, dtype=d.dtype, device=d.device)
-        torch._check(w.shape == d.shape, lambda: (
-            f"weights must hold one weight per pair ({d.shape[0]}), got shape {list(w.shape)}"))
+        if w.shape != d.shape:
+            raise ValueError(f"weights must hold one weight per pair ({d.shape[0]}), got shape "
+                             f"{list(w.shape)}")
         d = d * w
     if reduction == "none":
         return d

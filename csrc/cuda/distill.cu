@@ -1,0 +1,242 @@
+// CUDA kernels of the distillation ops (MATH.md §3) and their registration. kd_loss: one block
+// per row, each thread accumulating its strided share of the row online, combined in shared
+// memory; half / bfloat16 are computed in float. mapping_distance: one launch over a table of
+// fixed-size chunks of every pair.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../common/distill.h"
+#include "../distill.h"
+
+namespace mapopt::cuda {
+namespace {
+
+// Elements a thread loads per online group (strided by the block size, so loads coalesce).
+constexpr int kGroup = 4;
+constexpr int kMaxThreads = 512;
+
+template <class F>
+void dispatch(const at::Tensor& t, const char* name, const F& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), name,
+                                  [&] { fn(scalar_t{}); });
+}
+
+// Threads per row: a power of two (for the tree reduction), enough for kGroup elements each.
+int row_threads(int64_t C) {
+  int threads = 32;
+  while (threads < kMaxThreads && threads * kGroup < C) threads *= 2;
+  return threads;
+}
+
+template <class scalar_t>
+__global__ void kd_rows_kernel(int64_t C, const scalar_t* __restrict__ s,
+                               const scalar_t* __restrict__ t, const int64_t* __restrict__ y,
+                               int64_t ignore_index, KdParams<at::opmath_type<scalar_t>> k,
+                               scalar_t* __restrict__ loss, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = DistillScalarMath;
+  using State = KdRowState<acc_t, M>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  State* shared = reinterpret_cast<State*>(smem);
+
+  const int64_t b = blockIdx.x;
+  const scalar_t* sb = s + b * C;
+  const scalar_t* tb = t + b * C;
+  scalar_t* gb = grad ? grad + b * C : nullptr;
+  const int64_t yb = y ? y[b] : -1;
+  if (y && yb == ignore_index) {  // MATH.md §3: no loss, no gradient, not counted
+    if (threadIdx.x == 0) loss[b] = scalar_t(0);
+    if (gb) {
+      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) gb[j] = scalar_t(0);
+    }
+    return;
+  }
+  // Checking targets on the host would synchronise every call: an index outside [0, C) makes
+  // the row's loss and gradient NaN instead.
+  const bool bad_target = k.ce && (yb < 0 || yb >= C);
+
+  State st;
+  st.reset(std::numeric_limits<acc_t>::lowest());
+  for (int64_t j0 = threadIdx.x; j0 < C; j0 += int64_t(kGroup) * blockDim.x) {
+    acc_t xs[kGroup], xt[kGroup];
+    int n = 0;
+    for (int i = 0; i < kGroup; ++i) {
+      const int64_t j = j0 + int64_t(i) * blockDim.x;
+      if (j < C) {
+        xs[n] = static_cast<acc_t>(sb[j]);
+        xt[n] = static_cast<acc_t>(tb[j]);
+        ++n;
+      }
+    }
+    st.template add_group<kGroup>(xs, xt, n, k);
+  }
+  shared[threadIdx.x] = st;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x].combine(shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  const KdRowTotals<acc_t> r = kd_finish(shared[0], k);
+  const acc_t nan = static_cast<acc_t>(NAN);
+  if (threadIdx.x == 0) {
+    const acc_t target_term = k.ce && !bad_target ? k.ce_weight * static_cast<acc_t>(sb[yb])
+                                                   : acc_t(0);
+    loss[b] = bad_target ? nan : r.loss - target_term;
+  }
+  if (!gb) return;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    acc_t g = kd_grad<acc_t, M>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]), r, k);
+    if (k.ce && j == yb) g -= k.ce_weight;  // the one-hot term of the CE gradient
+    gb[j] = bad_target ? nan : g;
+  }
+}
+
+// One chunk of one pair of mapping_distance: elements [begin, end) of students[pair] (and its
+// teacher, and its gradient in the backward).
+struct DeviceChunk {
+  const void* s;
+  const void* t;
+  void* g;
+  int64_t begin, end, pair;
+  double inv_batch;  // 1/B_j, 0 for an empty batch
+};
+
+constexpr int64_t kChunk = 32768;
+constexpr int kChunkThreads = 256;
+
+// The chunk table of every pair, copied to the device in one transfer (pinned, asynchronous).
+at::Tensor chunk_table(const std::vector<at::Tensor>& students,
+                       const std::vector<at::Tensor>& teachers,
+                       const std::vector<at::Tensor>* grads, int64_t& count) {
+  std::vector<DeviceChunk> chunks;
+  for (size_t j = 0; j < students.size(); ++j) {
+    const int64_t n = students[j].numel();
+    const double inv_batch = students[j].size(0) > 0 ? 1.0 / students[j].size(0) : 0.0;
+    for (int64_t e = 0; e < n; e += kChunk) {
+      chunks.push_back({students[j].const_data_ptr(), teachers[j].const_data_ptr(),
+                        grads ? (*grads)[j].data_ptr() : nullptr, e, std::min(n, e + kChunk),
+                        static_cast<int64_t>(j), inv_batch});
+    }
+  }
+  count = static_cast<int64_t>(chunks.size());
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(DeviceChunk));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions(at::kByte).pinned_memory(true));
+  if (bytes) std::memcpy(host.data_ptr(), chunks.data(), bytes);
+  return host.to(host.options().device(students[0].device()), /*non_blocking=*/true);
+}
+
+template <class scalar_t, class acc_t>
+__global__ void mapping_distance_fwd_kernel(const DeviceChunk* __restrict__ chunks,
+                                            acc_t* __restrict__ sums) {
+  __shared__ acc_t partial[kChunkThreads];
+  const DeviceChunk ch = chunks[blockIdx.x];
+  const scalar_t* s = static_cast<const scalar_t*>(ch.s);
+  const scalar_t* t = static_cast<const scalar_t*>(ch.t);
+  acc_t acc(0);
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += blockDim.x) {
+    const acc_t d = static_cast<acc_t>(s[e]) - static_cast<acc_t>(t[e]);
+    acc += d * d;
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) atomicAdd(sums + ch.pair, partial[0] * static_cast<acc_t>(ch.inv_batch));
+}
+
+template <class scalar_t, class acc_t>
+__global__ void mapping_distance_bwd_kernel(const DeviceChunk* __restrict__ chunks,
+                                            const scalar_t* __restrict__ grad_distances) {
+  const DeviceChunk ch = chunks[blockIdx.x];
+  const scalar_t* s = static_cast<const scalar_t*>(ch.s);
+  const scalar_t* t = static_cast<const scalar_t*>(ch.t);
+  scalar_t* g = static_cast<scalar_t*>(ch.g);
+  // ∂D_j/∂s = 2 (s - t) / B_j (MATH.md §3), times the incoming gradient of D_j.
+  const acc_t scale = static_cast<acc_t>(2 * ch.inv_batch) *
+                      static_cast<acc_t>(grad_distances[ch.pair]);
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += blockDim.x) {
+    g[e] = scale * (static_cast<acc_t>(s[e]) - static_cast<acc_t>(t[e]));
+  }
+}
+
+struct CudaDistillKernels {
+  static void kd_loss_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
+                           Distance d, double alpha, double temperature, int64_t ignore_index,
+                           const at::Tensor& loss, const at::Tensor& grad) {
+    const int64_t N = s.size(0), C = s.size(1);
+    if (N == 0) return;
+    TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "kd_loss: at most 2^31 - 1 rows, got ",
+                N);
+    dispatch(s, "mapopt_native kd_loss", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
+      const int threads = row_threads(C);
+      const size_t smem = threads * sizeof(KdRowState<acc_t, DistillScalarMath>);
+      kd_rows_kernel<scalar_t><<<static_cast<unsigned>(N), threads, smem,
+                                 at::cuda::getCurrentCUDAStream()>>>(
+          C, s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+          y.defined() ? y.const_data_ptr<int64_t>() : nullptr, ignore_index, k,
+          loss.data_ptr<scalar_t>(), grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void mapping_distance_fwd(const std::vector<at::Tensor>& students,
+                                   const std::vector<at::Tensor>& teachers, const at::Tensor& out) {
+    int64_t count = 0;
+    const at::Tensor table = chunk_table(students, teachers, nullptr, count);
+    dispatch(out, "mapopt_native mapping_distance", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = at::opmath_type<scalar_t>;
+      at::Tensor sums = at::zeros(out.sizes(), out.options().dtype(at::toOpMathType(out.scalar_type())));
+      if (count > 0) {
+        mapping_distance_fwd_kernel<scalar_t, acc_t>
+            <<<static_cast<unsigned>(count), kChunkThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
+                sums.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      out.copy_(sums);
+    });
+  }
+
+  static void mapping_distance_bwd(const at::Tensor& grad_distances,
+                                   const std::vector<at::Tensor>& students,
+                                   const std::vector<at::Tensor>& teachers,
+                                   const std::vector<at::Tensor>& grads) {
+    int64_t count = 0;
+    const at::Tensor table = chunk_table(students, teachers, &grads, count);
+    if (count == 0) return;
+    dispatch(grad_distances, "mapopt_native mapping_distance", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = at::opmath_type<scalar_t>;
+      mapping_distance_bwd_kernel<scalar_t, acc_t>
+          <<<static_cast<unsigned>(count), kChunkThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
+              grad_distances.const_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+}  // namespace
+}  // namespace mapopt::cuda
+
+TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
+  using K = mapopt::cuda::CudaDistillKernels;
+  m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
+  m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
+  m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
+}
