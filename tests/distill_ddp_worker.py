@@ -30,15 +30,19 @@ def batches():
             for _ in range(6)]
 
 
-def train(loader):
+def train(loader, wrap=False):
     """Student and adapter parameters after two epochs: SGD given for the student, the adapter
-    (student width 6 -> teacher 16) created on the first batch and added by fit."""
+    (student width 6 -> teacher 16) created on the first batch and added by fit. wrap: the
+    student comes wrapped in DistributedDataParallel by the caller (else fit wraps it)."""
     teacher, student = models()
+    if wrap:
+        student = nn.parallel.DistributedDataParallel(student)
     d = Distiller(teacher, student, alpha=0.5, distance="kl", temperature=2.0,
                   features={"1": "1"}, feature_weights=[0.5])
     opt = torch.optim.SGD(student.parameters(), lr=0.2)
     d.fit(loader, epochs=2, optimizer=opt, progress=False)
-    return {k: v.detach().clone() for k, v in d.trainable.state_dict().items()}
+    return {k.replace("student.module.", "student."): v.detach().clone()
+            for k, v in d.trainable.state_dict().items()}
 
 
 def rank_main(rank, init_file, out_dir):
@@ -48,21 +52,25 @@ def rank_main(rank, init_file, out_dir):
     half = 8 // WORLD
     local = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
              for x, y in batches()]
-    torch.save(train(local), f"{out_dir}/rank{rank}.pt")
+    for wrap in (False, True):
+        torch.save(train(local, wrap), f"{out_dir}/rank{rank}_{wrap}.pt")
     dist.destroy_process_group()
 
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(rank_main, args=(f"{tmp}/init", tmp), nprocs=WORLD, join=True)
-        ranks = [torch.load(f"{tmp}/rank{r}.pt") for r in range(WORLD)]
+        runs = {wrap: [torch.load(f"{tmp}/rank{r}_{wrap}.pt") for r in range(WORLD)]
+                for wrap in (False, True)}
     torch.set_num_threads(1)
     single = train(batches())
-    assert set(ranks[0]) == set(single) and any(k.startswith("adapters") for k in single)
-    for key, value in single.items():
-        assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks differ in {key}"
-        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{key}: DDP vs one process: {m}")
+    for wrap, ranks in runs.items():
+        assert set(ranks[0]) == set(single) and any(k.startswith("adapters") for k in single)
+        for key, value in single.items():
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks differ in {key}"
+            torch.testing.assert_close(
+                ranks[0][key], value, rtol=1e-5, atol=1e-6,
+                msg=lambda m: f"{key} (wrapped by the caller: {wrap}): DDP vs one process: {m}")
     print("DDP OK")
 
 

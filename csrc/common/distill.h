@@ -132,6 +132,13 @@ struct KdRowState {
     for (int i = 0; i < n; ++i) cross = cross + p.add(ts[i]) * (ts[i] - ss[i]);
   }
 
+  // Moves each softmax's running sums to a new reference max (>= the current one).
+  MAPOPT_INLINE void rebase(const V& ms, const V& mq, const V& mp) {
+    s.raise(ms);
+    q.raise(mq);
+    cross = cross * p.raise(mp);
+  }
+
   // Scalar states only.
   MAPOPT_INLINE void combine(const KdRowState& o) {
     s.combine(o.s);

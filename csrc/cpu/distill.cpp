@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -31,19 +30,30 @@ constexpr int kGroup = 4;
 // Elements per parallel task (rows are split no further).
 constexpr int64_t kRowGrain = 32768;
 
-// The W lane states of a vector state, as scalar states.
+// The lanes of a vector state folded into one scalar state: every lane is rebased to the
+// largest max of all lanes (vector exps), then the sums add up.
 template <class acc_t, class V>
-std::array<KdRowState<acc_t, DistillScalarMath>, V::size()> lanes(
-    const KdRowState<V, DistillVecMath>& v) {
+KdRowState<acc_t, DistillScalarMath> fold_lanes(KdRowState<V, DistillVecMath> v) {
   constexpr int W = V::size();
-  acc_t sm[W], sz[W], qm[W], qz[W], pm[W], pz[W], cross[W], sq[W];
-  v.s.m.store(sm), v.s.z.store(sz), v.q.m.store(qm), v.q.z.store(qz);
-  v.p.m.store(pm), v.p.z.store(pz), v.cross.store(cross), v.sq.store(sq);
-  std::array<KdRowState<acc_t, DistillScalarMath>, W> out;
-  for (int i = 0; i < W; ++i) {
-    out[i].s.m = sm[i], out[i].s.z = sz[i], out[i].q.m = qm[i], out[i].q.z = qz[i];
-    out[i].p.m = pm[i], out[i].p.z = pz[i], out[i].cross = cross[i], out[i].sq = sq[i];
-  }
+  const auto lanes = [](const V& x, acc_t* out) { x.store(out); };
+  const auto max_of = [&](const V& x) {
+    acc_t l[W];
+    lanes(x, l);
+    return *std::max_element(l, l + W);
+  };
+  const auto sum_of = [&](const V& x) {
+    acc_t l[W];
+    lanes(x, l);
+    return std::accumulate(l, l + W, acc_t(0));
+  };
+  const acc_t ms = max_of(v.s.m), mq = max_of(v.q.m), mp = max_of(v.p.m);
+  v.rebase(V(ms), V(mq), V(mp));
+  KdRowState<acc_t, DistillScalarMath> out;
+  out.s.m = ms, out.s.z = sum_of(v.s.z);
+  out.q.m = mq, out.q.z = sum_of(v.q.z);
+  out.p.m = mp, out.p.z = sum_of(v.p.z);
+  out.cross = sum_of(v.cross);
+  out.sq = sum_of(v.sq);
   return out;
 }
 
@@ -100,12 +110,10 @@ void kd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, Dist
       }
       KdRowState<acc_t, SM> st;
       st.reset(lowest);
+      if (body > 0) st = fold_lanes<acc_t>(vs);
       for (int64_t j = body; j < C; ++j) {
         const acc_t a = sb[j], c = tb[j];
         st.template add_group<1>(&a, &c, 1, k);
-      }
-      if (body > 0) {
-        for (const auto& l : lanes<acc_t>(vs)) st.combine(l);
       }
       const KdRowTotals<acc_t> r = kd_finish(st, k);
       lp[b] = r.loss - (k.ce ? k.ce_weight * static_cast<acc_t>(sb[yp[b]]) : acc_t(0));

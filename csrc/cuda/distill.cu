@@ -25,9 +25,9 @@ constexpr int kGroup = 4;
 constexpr int kMaxThreads = 512;
 
 template <class F>
-void dispatch(const at::Tensor& t, const char* name, const F& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), name,
-                                  [&] { fn(scalar_t{}); });
+void dispatch(const at::Tensor& t, const F& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
+                                  "mapopt_native distill", [&] { fn(scalar_t{}); });
 }
 
 // Threads per row: a power of two (for the tree reduction), enough for kGroup elements each.
@@ -178,7 +178,7 @@ struct CudaDistillKernels {
     if (N == 0) return;
     TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "kd_loss: at most 2^31 - 1 rows, got ",
                 N);
-    dispatch(s, "mapopt_native kd_loss", [&](auto tag) {
+    dispatch(s, [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
@@ -197,7 +197,7 @@ struct CudaDistillKernels {
                                    const std::vector<at::Tensor>& teachers, const at::Tensor& out) {
     int64_t count = 0;
     const at::Tensor table = chunk_table(students, teachers, nullptr, count);
-    dispatch(out, "mapopt_native mapping_distance", [&](auto tag) {
+    dispatch(out, [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       at::Tensor sums = at::zeros(out.sizes(), out.options().dtype(at::toOpMathType(out.scalar_type())));
@@ -219,7 +219,7 @@ struct CudaDistillKernels {
     int64_t count = 0;
     const at::Tensor table = chunk_table(students, teachers, &grads, count);
     if (count == 0) return;
-    dispatch(grad_distances, "mapopt_native mapping_distance", [&](auto tag) {
+    dispatch(grad_distances, [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       mapping_distance_bwd_kernel<scalar_t, acc_t>

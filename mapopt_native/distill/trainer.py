@@ -223,7 +223,8 @@ class Distiller:
         """Before the first step: create the adapters, give them to the optimizer (or build
         one), and wrap the trainable module for DistributedDataParallel."""
         before = {id(p) for p in self.adapters.parameters()}
-        self.prepare(x)
+        if self.trainable.auto and self.trainable.names:
+            self.prepare(x)
         new = [p for p in self.adapters.parameters() if id(p) not in before]
         if optimizer is None:
             optimizer = torch.optim.Adam(self.parameters(), lr=lr)
