@@ -1,7 +1,9 @@
 // The distillation ops (MATH.md §3), written once for every device on top of a kernel backend K
 // (csrc/cpu/distill.cpp, csrc/cuda/distill.cu), with their input checks. K provides:
-//   kd_loss_rows(student, teacher, target, params, ignore_index, loss, grad)
-//     per-row losses (N,) and, when grad is defined, the rows of ∂L_b/∂s_b (N, C);
+//   kd_loss_fwd_rows(student, teacher, target, distance, alpha, T, ignore_index, loss, stats):
+//     per-row losses (N,) and row statistics (N, kKdRowStats) in the accumulation dtype;
+//   kd_loss_bwd_rows(grad_loss, student, teacher, target, stats, distance, alpha, T,
+//     ignore_index, grad): the (N, C) gradient w.r.t. the student, grad_loss[b] · ∂L_b/∂s_b;
 //   mapping_distance_fwd(students, teachers, out) and mapping_distance_bwd(grad, students,
 //     teachers, grads): every pair in one pass / launch.
 // Inputs reach K contiguous; `target` may be undefined (no CE term).
@@ -59,18 +61,42 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student,
                                                const at::Tensor& teacher,
                                                const std::optional<at::Tensor>& target,
                                                double alpha, std::string_view distance,
-                                               double temperature, int64_t ignore_index,
-                                               bool need_grad) {
+                                               double temperature, int64_t ignore_index) {
   const Distance d = check_kd_inputs(student, teacher, target, alpha, distance, temperature);
   const c10::DeviceGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor y = target ? target->contiguous() : at::Tensor();
   at::Tensor loss = at::empty({s.size(0)}, s.options());
-  // Written by the same kernel only when the student's gradient will be asked for.
-  at::Tensor grad = need_grad ? at::empty_like(s) : at::empty({0}, s.options());
-  K::kd_loss_rows(s, t, y, d, alpha, temperature, ignore_index, loss,
-                  need_grad ? grad : at::Tensor());
-  return {loss, grad};
+  at::Tensor stats = at::empty({s.size(0), kKdRowStats},
+                               s.options().dtype(at::toOpMathType(s.scalar_type())));
+  K::kd_loss_fwd_rows(s, t, y, d, alpha, temperature, ignore_index, loss, stats);
+  return {loss, stats};
+}
+
+template <class K>
+at::Tensor kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
+                       const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                       const at::Tensor& row_stats, double alpha, std::string_view distance,
+                       double temperature, int64_t ignore_index) {
+  const Distance d = check_kd_inputs(student, teacher, target, alpha, distance, temperature);
+  const int64_t N = student.size(0);
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N,
+                    "grad_loss must have shape (N,) = (", N, ",), got ", grad_loss.sizes());
+  check_like(grad_loss, "grad_loss", student, "student logits");
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == N &&
+                        row_stats.size(1) == kKdRowStats,
+                    "row_stats must have shape (N, ", kKdRowStats, ") = (", N, ", ", kKdRowStats,
+                    "), got ", row_stats.sizes());
+  TORCH_CHECK_TYPE(row_stats.scalar_type() == at::toOpMathType(student.scalar_type()),
+                   "row_stats must have dtype ", at::toOpMathType(student.scalar_type()),
+                   " (kd_loss_fwd's), got ", row_stats.scalar_type());
+  const c10::DeviceGuard guard(student.device());
+  const at::Tensor s = student.contiguous();
+  at::Tensor grad = at::empty_like(s);
+  K::kd_loss_bwd_rows(grad_loss.contiguous(), s, teacher.contiguous(),
+                      target ? target->contiguous() : at::Tensor(), row_stats.contiguous(), d,
+                      alpha, temperature, ignore_index, grad);
+  return grad;
 }
 
 // Both lists non-empty and of one length; pair j: same shape, a batch dimension; every tensor of

@@ -57,12 +57,17 @@ TORCH_LIBRARY(mapopt_native, m) {
       "bool[4] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh)",
       tags);
-  // Distillation, MATH.md §3. kd_loss_fwd: per-row losses (N,) of (N, C) logits, and with
-  // need_grad the rows of their gradient w.r.t. the student (else an empty tensor): the backward is
-  // a scale of those rows. target None: the distance term alone. distance: 'l2' or 'kl'.
+  // Distillation, MATH.md §3. kd_loss_fwd: per-row losses (N,) of (N, C) logits, and per-row
+  // log-normalisers (N, 3) from which kd_loss_bwd writes grad_loss[b] · ∂L_b/∂s_b in one pass.
+  // target None: the distance term alone. distance: 'l2' or 'kl'. The teacher gets no gradient.
   m.def(
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, float alpha, str distance, "
-      "float temperature, int ignore_index, bool need_grad) -> (Tensor loss, Tensor grad_student)",
+      "float temperature, int ignore_index) -> (Tensor loss, Tensor row_stats)",
+      tags);
+  m.def(
+      "kd_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, "
+      "Tensor row_stats, float alpha, str distance, float temperature, int ignore_index) -> "
+      "Tensor",
       tags);
   // D_j = (1/B_j) Σ_b ‖s_b - t_b‖² for every pair (students[j], teachers[j]), in one pass.
   m.def("mapping_distance_fwd(Tensor[] students, Tensor[] teachers) -> Tensor", tags);

@@ -137,16 +137,23 @@ def test_kd_loss_all_ignored_and_empty():
     assert kd_loss(empty, empty, torch.empty(0, dtype=torch.long), reduction="none").shape == (0,)
 
 
-def test_kd_loss_skips_the_gradient_buffer_without_grad():
+def test_kd_loss_forward_keeps_no_logits_size_buffer():
+    """The forward returns per-row losses and 3 statistics per row, nothing of logits size."""
     s, t, y = logits(6, 10), logits(6, 10), targets(6, 10)
-    _, grad = ops.kd_loss_fwd(s, t, y, 0.5, "kl", 2.0, -100, False)
-    assert grad.numel() == 0
-    _, grad = ops.kd_loss_fwd(s, t, y, 0.5, "kl", 2.0, -100, True)
-    assert grad.shape == s.shape
+    loss, stats = ops.kd_loss_fwd(s, t, y, 0.5, "kl", 2.0, -100)
+    assert loss.shape == (6,) and stats.shape == (6, 3)
     s.requires_grad_()
     with torch.no_grad():
-        loss = kd_loss(s, t, y, distance="kl")
-    assert not loss.requires_grad
+        assert not kd_loss(s, t, y, distance="kl").requires_grad
+
+
+def test_kd_loss_retained_graph_gives_the_same_gradient_twice():
+    s, t, y = logits(4, 6).requires_grad_(), logits(4, 6), targets(4, 6)
+    loss = kd_loss(s, t, y, distance="kl", temperature=3.0, reduction="none")
+    g = torch.randn(4, dtype=torch.float64)
+    first = torch.autograd.grad((loss * g).sum(), s, retain_graph=True)[0]
+    second = torch.autograd.grad((loss * g).sum(), s)[0]
+    assert torch.equal(first, second)
 
 
 def test_kd_loss_teacher_gets_no_gradient():
@@ -170,9 +177,12 @@ def test_kd_loss_gradcheck(distance, with_target):
 def test_kd_loss_opcheck():
     s, t, y = logits(6, 11, torch.float32), logits(6, 11, torch.float32), targets(6, 11, 1)
     for distance in ("l2", "kl"):
-        torch.library.opcheck(ops.kd_loss_fwd,
-                              (s.clone().requires_grad_(), t, y, 0.5, distance, 2.0, -100, True))
-        torch.library.opcheck(ops.kd_loss_fwd, (s, t, None, 0.5, distance, 1.0, -100, False))
+        for target in (y, None):
+            args = (t, target, 0.5, distance, 2.0, -100)
+            torch.library.opcheck(ops.kd_loss_fwd, (s.clone().requires_grad_(), *args))
+            _, stats = ops.kd_loss_fwd(s, *args)
+            torch.library.opcheck(ops.kd_loss_bwd, (torch.randn(6), s, t, target, stats,
+                                                    *args[2:]))
 
 
 def test_kd_loss_compiled_training_step():
@@ -293,15 +303,20 @@ def test_kd_loss_bad_input_raises(change, match):
                 **args)
 
 
-def test_kd_op_checks_its_input_too():
-    """The op itself (not only the Python wrapper) rejects bad shapes and targets."""
+def test_kd_ops_check_their_input_too():
+    """The ops themselves (not only the Python wrapper) reject bad shapes and targets."""
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     with pytest.raises(ValueError, match=r"target must have shape \(N,\) = \(4,\)"):
-        ops.kd_loss_fwd(s, t, torch.zeros(3, dtype=torch.long), 0.5, "l2", 1.0, -100, False)
+        ops.kd_loss_fwd(s, t, torch.zeros(3, dtype=torch.long), 0.5, "l2", 1.0, -100)
     with pytest.raises(ValueError, match=r"teacher logits must have the student's shape"):
-        ops.kd_loss_fwd(s, torch.randn(4, 6), None, 0.5, "l2", 1.0, -100, False)
+        ops.kd_loss_fwd(s, torch.randn(4, 6), None, 0.5, "l2", 1.0, -100)
     with pytest.raises(ValueError, match=r"target\[0\] = 9"):
-        ops.kd_loss_fwd(s, t, torch.full((4,), 9), 0.5, "l2", 1.0, -100, False)
+        ops.kd_loss_fwd(s, t, torch.full((4,), 9), 0.5, "l2", 1.0, -100)
+    _, stats = ops.kd_loss_fwd(s, t, None, 0.5, "l2", 1.0, -100)
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \(N,\) = \(4,\)"):
+        ops.kd_loss_bwd(torch.ones(5), s, t, None, stats, 0.5, "l2", 1.0, -100)
+    with pytest.raises(ValueError, match=r"row_stats must have shape \(N, 3\)"):
+        ops.kd_loss_bwd(torch.ones(4), s, t, None, stats[:2], 0.5, "l2", 1.0, -100)
 
 
 BAD_PAIRS = [

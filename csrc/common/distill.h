@@ -2,8 +2,9 @@
 // (V = at::vec::Vectorized lanes, or a scalar for row tails) and the CUDA kernels (V = float or
 // double per thread). Torch-free.
 //
-// A row is read once to accumulate its softmax normalisers online (running max and sum, rescaled
-// when the max grows), then once more, only when a gradient is wanted, to write that gradient.
+// The forward reads a row once, accumulating its softmax normalisers online (running max and
+// sum, rescaled when the max grows), and keeps their logs (KdRowTotals, 3 numbers a row); the
+// backward reads the row once more to write the gradient from them.
 #pragma once
 
 #include <cmath>
@@ -150,12 +151,14 @@ struct KdRowState {
   }
 };
 
-// A finished row: its loss (before the target term) and the log-normalisers the gradient needs.
+// A finished row: its loss (before the target term) and the log-normalisers the gradient needs
+// (the kKdRowStats numbers the forward op saves per row, in this order).
 template <class T>
 struct KdRowTotals {
   T lse_s, lse_q, lse_p;
   T loss;  // ce_weight·lse_s + dist_weight·D_b; the caller subtracts ce_weight·s_y
 };
+constexpr int kKdRowStats = 3;
 
 template <class T, class M>
 MAPOPT_INLINE KdRowTotals<T> kd_finish(const KdRowState<T, M>& st, const KdParams<T>& k) {

@@ -1,6 +1,6 @@
 // CPU kernels of the distillation ops (MATH.md §3) and their registration: kd_loss rows in
-// parallel, each row read once for its loss and once more for its gradient (while still in cache);
-// mapping_distance over a table of fixed-size chunks of every pair, in one parallel pass.
+// parallel (the forward reads each row once, the backward once more); mapping_distance over a
+// table of fixed-size chunks of every pair, in one parallel pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -69,9 +69,9 @@ void check_targets(const at::Tensor& y, int64_t C, int64_t ignore_index) {
 }
 
 template <class scalar_t>
-void kd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, Distance d,
-             double alpha, double temperature, int64_t ignore_index, const at::Tensor& loss,
-             const at::Tensor& grad) {
+void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, Distance d,
+                 double alpha, double temperature, int64_t ignore_index, const at::Tensor& loss,
+                 const at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<scalar_t>;
   using VM = DistillVecMath;
@@ -85,16 +85,16 @@ void kd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, Dist
   const scalar_t* tp = t.const_data_ptr<scalar_t>();
   const int64_t* yp = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
   scalar_t* lp = loss.data_ptr<scalar_t>();
-  scalar_t* gp = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
+  acc_t* stp = stats.data_ptr<acc_t>();
 
   at::parallel_for(0, N, std::max<int64_t>(1, kRowGrain / C), [&](int64_t r0, int64_t r1) {
     for (int64_t b = r0; b < r1; ++b) {
       const scalar_t* sb = sp + b * C;
       const scalar_t* tb = tp + b * C;
-      scalar_t* gb = gp ? gp + b * C : nullptr;
+      acc_t* stb = stp + b * kKdRowStats;
       if (yp && yp[b] == ignore_index) {  // MATH.md §3: no loss, no gradient, not counted
         lp[b] = scalar_t(0);
-        if (gb) std::fill_n(gb, C, scalar_t(0));
+        std::fill_n(stb, kKdRowStats, acc_t(0));
         continue;
       }
       KdRowState<V, VM> vs;
@@ -117,17 +117,54 @@ void kd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, Dist
       }
       const KdRowTotals<acc_t> r = kd_finish(st, k);
       lp[b] = r.loss - (k.ce ? k.ce_weight * static_cast<acc_t>(sb[yp[b]]) : acc_t(0));
-      if (!gb) continue;
+      stb[0] = r.lse_s, stb[1] = r.lse_q, stb[2] = r.lse_p;
+    }
+  });
+}
+
+template <class scalar_t>
+void kd_rows_bwd(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& t,
+                 const at::Tensor& y, const at::Tensor& stats, Distance d, double alpha,
+                 double temperature, int64_t ignore_index, const at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<scalar_t>;
+  using VM = DistillVecMath;
+  using SM = DistillScalarMath;
+  constexpr int64_t W = V::size();
+  const int64_t N = s.size(0), C = s.size(1);
+  const int64_t body = C - C % W;
+  const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
+  const scalar_t* gl = grad_loss.const_data_ptr<scalar_t>();
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  const int64_t* yp = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
+  const acc_t* stp = stats.const_data_ptr<acc_t>();
+  scalar_t* gp = grad.data_ptr<scalar_t>();
+
+  at::parallel_for(0, N, std::max<int64_t>(1, kRowGrain / C), [&](int64_t r0, int64_t r1) {
+    for (int64_t b = r0; b < r1; ++b) {
+      const scalar_t* sb = sp + b * C;
+      const scalar_t* tb = tp + b * C;
+      scalar_t* gb = gp + b * C;
+      if (yp && yp[b] == ignore_index) {
+        std::fill_n(gb, C, scalar_t(0));
+        continue;
+      }
+      const acc_t* stb = stp + b * kKdRowStats;
+      const KdRowTotals<acc_t> r{stb[0], stb[1], stb[2], acc_t(0)};
+      const acc_t scale = static_cast<acc_t>(gl[b]);
+      const V vscale(scale);
       for (int64_t j = 0; j < body; j += W) {
-        kd_grad<V, VM>(V::loadu(sb + j), V::loadu(tb + j), r, k).store(gb + j);
+        (vscale * kd_grad<V, VM>(V::loadu(sb + j), V::loadu(tb + j), r, k)).store(gb + j);
       }
       for (int64_t j = body; j < C; ++j) {
-        gb[j] = kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]), r, k);
+        gb[j] = scale * kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]),
+                                           r, k);
       }
       if (k.ce) {  // the one-hot term of the CE gradient
         const int64_t j = yp[b];
-        gb[j] = kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]), r, k) -
-                k.ce_weight;
+        gb[j] = scale * (kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]),
+                                            static_cast<acc_t>(tb[j]), r, k) - k.ce_weight);
       }
     }
   });
@@ -154,12 +191,23 @@ std::vector<Chunk> chunk_table(const std::vector<at::Tensor>& students) {
 inline double inv_batch(const at::Tensor& s) { return s.size(0) > 0 ? 1.0 / s.size(0) : 0.0; }
 
 struct CpuDistillKernels {
-  static void kd_loss_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
-                           Distance d, double alpha, double temperature, int64_t ignore_index,
-                           const at::Tensor& loss, const at::Tensor& grad) {
+  static void kd_loss_fwd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
+                               Distance d, double alpha, double temperature,
+                               int64_t ignore_index, const at::Tensor& loss,
+                               const at::Tensor& stats) {
     if (y.defined()) check_targets(y, s.size(1), ignore_index);
-    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mapopt_native kd_loss", [&] {
-      kd_rows<scalar_t>(s, t, y, d, alpha, temperature, ignore_index, loss, grad);
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mapopt_native kd_loss_fwd", [&] {
+      kd_rows_fwd<scalar_t>(s, t, y, d, alpha, temperature, ignore_index, loss, stats);
+    });
+  }
+
+  static void kd_loss_bwd_rows(const at::Tensor& grad_loss, const at::Tensor& s,
+                               const at::Tensor& t, const at::Tensor& y, const at::Tensor& stats,
+                               Distance d, double alpha, double temperature,
+                               int64_t ignore_index, const at::Tensor& grad) {
+    if (y.defined()) check_targets(y, s.size(1), ignore_index);
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mapopt_native kd_loss_bwd", [&] {
+      kd_rows_bwd<scalar_t>(grad_loss, s, t, y, stats, d, alpha, temperature, ignore_index, grad);
     });
   }
 
@@ -230,6 +278,7 @@ struct CpuDistillKernels {
 TORCH_LIBRARY_IMPL(mapopt_native, CPU, m) {
   using K = mapopt::cpu::CpuDistillKernels;
   m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
+  m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
   m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
   m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
 }

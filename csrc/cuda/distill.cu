@@ -1,7 +1,7 @@
-// CUDA kernels of the distillation ops (MATH.md §3) and their registration. kd_loss: one block
-// per row, each thread accumulating its strided share of the row online, combined in shared
-// memory; half / bfloat16 are computed in float. mapping_distance: one launch over a table of
-// fixed-size chunks of every pair.
+// CUDA kernels of the distillation ops (MATH.md §3) and their registration. kd_loss forward: one
+// block per row, each thread accumulating its strided share of the row online, combined in shared
+// memory; backward: one thread per element. half / bfloat16 are computed in float.
+// mapping_distance: one launch over a table of fixed-size chunks of every pair.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,6 +23,8 @@ namespace {
 // Elements a thread loads per online group (strided by the block size, so loads coalesce).
 constexpr int kGroup = 4;
 constexpr int kMaxThreads = 512;
+// Threads of the element-wise and chunk kernels.
+constexpr int kThreads = 256;
 
 template <class F>
 void dispatch(const at::Tensor& t, const F& fn) {
@@ -37,11 +39,16 @@ int row_threads(int64_t C) {
   return threads;
 }
 
+// An index outside [0, C) that is not ignore_index: checking targets on the host would
+// synchronise every call, so such a row gets a NaN loss and gradient instead.
+__device__ inline bool bad_target(int64_t y, int64_t C) { return y < 0 || y >= C; }
+
 template <class scalar_t>
-__global__ void kd_rows_kernel(int64_t C, const scalar_t* __restrict__ s,
-                               const scalar_t* __restrict__ t, const int64_t* __restrict__ y,
-                               int64_t ignore_index, KdParams<at::opmath_type<scalar_t>> k,
-                               scalar_t* __restrict__ loss, scalar_t* __restrict__ grad) {
+__global__ void kd_fwd_kernel(int64_t C, const scalar_t* __restrict__ s,
+                              const scalar_t* __restrict__ t, const int64_t* __restrict__ y,
+                              int64_t ignore_index, KdParams<at::opmath_type<scalar_t>> k,
+                              scalar_t* __restrict__ loss,
+                              at::opmath_type<scalar_t>* __restrict__ stats) {
   using acc_t = at::opmath_type<scalar_t>;
   using M = DistillScalarMath;
   using State = KdRowState<acc_t, M>;
@@ -51,19 +58,13 @@ __global__ void kd_rows_kernel(int64_t C, const scalar_t* __restrict__ s,
   const int64_t b = blockIdx.x;
   const scalar_t* sb = s + b * C;
   const scalar_t* tb = t + b * C;
-  scalar_t* gb = grad ? grad + b * C : nullptr;
+  acc_t* stb = stats + b * kKdRowStats;
   const int64_t yb = y ? y[b] : -1;
   if (y && yb == ignore_index) {  // MATH.md §3: no loss, no gradient, not counted
+    if (threadIdx.x < kKdRowStats) stb[threadIdx.x] = acc_t(0);
     if (threadIdx.x == 0) loss[b] = scalar_t(0);
-    if (gb) {
-      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) gb[j] = scalar_t(0);
-    }
     return;
   }
-  // Checking targets on the host would synchronise every call: an index outside [0, C) makes
-  // the row's loss and gradient NaN instead.
-  const bool bad_target = k.ce && (yb < 0 || yb >= C);
-
   State st;
   st.reset(std::numeric_limits<acc_t>::lowest());
   for (int64_t j0 = threadIdx.x; j0 < C; j0 += int64_t(kGroup) * blockDim.x) {
@@ -85,18 +86,36 @@ __global__ void kd_rows_kernel(int64_t C, const scalar_t* __restrict__ s,
     if (threadIdx.x < stride) shared[threadIdx.x].combine(shared[threadIdx.x + stride]);
     __syncthreads();
   }
+  if (threadIdx.x != 0) return;
   const KdRowTotals<acc_t> r = kd_finish(shared[0], k);
-  const acc_t nan = static_cast<acc_t>(NAN);
-  if (threadIdx.x == 0) {
-    const acc_t target_term = k.ce && !bad_target ? k.ce_weight * static_cast<acc_t>(sb[yb])
-                                                   : acc_t(0);
-    loss[b] = bad_target ? nan : r.loss - target_term;
-  }
-  if (!gb) return;
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    acc_t g = kd_grad<acc_t, M>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]), r, k);
+  const bool bad = k.ce && bad_target(yb, C);
+  const acc_t target_term = k.ce && !bad ? k.ce_weight * static_cast<acc_t>(sb[yb]) : acc_t(0);
+  loss[b] = bad ? static_cast<acc_t>(NAN) : r.loss - target_term;
+  stb[0] = r.lse_s, stb[1] = r.lse_q, stb[2] = r.lse_p;
+}
+
+template <class scalar_t>
+__global__ void kd_bwd_kernel(int64_t n, int64_t C, const scalar_t* __restrict__ grad_loss,
+                              const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
+                              const int64_t* __restrict__ y, int64_t ignore_index,
+                              const at::opmath_type<scalar_t>* __restrict__ stats,
+                              KdParams<at::opmath_type<scalar_t>> k, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t b = e / C, j = e - b * C;
+    const int64_t yb = y ? y[b] : -1;
+    if (y && yb == ignore_index) {
+      grad[e] = scalar_t(0);
+      continue;
+    }
+    const acc_t* stb = stats + b * kKdRowStats;
+    const KdRowTotals<acc_t> r{stb[0], stb[1], stb[2], acc_t(0)};
+    acc_t g = kd_grad<acc_t, DistillScalarMath>(static_cast<acc_t>(s[e]),
+                                                static_cast<acc_t>(t[e]), r, k);
     if (k.ce && j == yb) g -= k.ce_weight;  // the one-hot term of the CE gradient
-    gb[j] = bad_target ? nan : g;
+    const bool bad = k.ce && bad_target(yb, C);
+    grad[e] = bad ? static_cast<acc_t>(NAN) : static_cast<acc_t>(grad_loss[b]) * g;
   }
 }
 
@@ -111,7 +130,6 @@ struct DeviceChunk {
 };
 
 constexpr int64_t kChunk = 32768;
-constexpr int kChunkThreads = 256;
 
 // The chunk table of every pair, copied to the device in one transfer (pinned, asynchronous).
 at::Tensor chunk_table(const std::vector<at::Tensor>& students,
@@ -137,7 +155,7 @@ at::Tensor chunk_table(const std::vector<at::Tensor>& students,
 template <class scalar_t, class acc_t>
 __global__ void mapping_distance_fwd_kernel(const DeviceChunk* __restrict__ chunks,
                                             acc_t* __restrict__ sums) {
-  __shared__ acc_t partial[kChunkThreads];
+  __shared__ acc_t partial[kThreads];
   const DeviceChunk ch = chunks[blockIdx.x];
   const scalar_t* s = static_cast<const scalar_t*>(ch.s);
   const scalar_t* t = static_cast<const scalar_t*>(ch.t);
@@ -171,9 +189,10 @@ __global__ void mapping_distance_bwd_kernel(const DeviceChunk* __restrict__ chun
 }
 
 struct CudaDistillKernels {
-  static void kd_loss_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
-                           Distance d, double alpha, double temperature, int64_t ignore_index,
-                           const at::Tensor& loss, const at::Tensor& grad) {
+  static void kd_loss_fwd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
+                               Distance d, double alpha, double temperature,
+                               int64_t ignore_index, const at::Tensor& loss,
+                               const at::Tensor& stats) {
     const int64_t N = s.size(0), C = s.size(1);
     if (N == 0) return;
     TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "kd_loss: at most 2^31 - 1 rows, got ",
@@ -184,11 +203,34 @@ struct CudaDistillKernels {
       const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
       const int threads = row_threads(C);
       const size_t smem = threads * sizeof(KdRowState<acc_t, DistillScalarMath>);
-      kd_rows_kernel<scalar_t><<<static_cast<unsigned>(N), threads, smem,
-                                 at::cuda::getCurrentCUDAStream()>>>(
+      kd_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), threads, smem,
+                                at::cuda::getCurrentCUDAStream()>>>(
           C, s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
           y.defined() ? y.const_data_ptr<int64_t>() : nullptr, ignore_index, k,
-          loss.data_ptr<scalar_t>(), grad.defined() ? grad.data_ptr<scalar_t>() : nullptr);
+          loss.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void kd_loss_bwd_rows(const at::Tensor& grad_loss, const at::Tensor& s,
+                               const at::Tensor& t, const at::Tensor& y, const at::Tensor& stats,
+                               Distance d, double alpha, double temperature,
+                               int64_t ignore_index, const at::Tensor& grad) {
+    const int64_t n = s.numel();
+    if (n == 0) return;
+    dispatch(s, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
+      const int64_t max_blocks =
+          static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+      const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads,
+                                               max_blocks);
+      kd_bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(
+          n, s.size(1), grad_loss.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+          t.const_data_ptr<scalar_t>(), y.defined() ? y.const_data_ptr<int64_t>() : nullptr,
+          ignore_index, stats.const_data_ptr<acc_t>(), k, grad.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -203,7 +245,7 @@ struct CudaDistillKernels {
       at::Tensor sums = at::zeros(out.sizes(), out.options().dtype(at::toOpMathType(out.scalar_type())));
       if (count > 0) {
         mapping_distance_fwd_kernel<scalar_t, acc_t>
-            <<<static_cast<unsigned>(count), kChunkThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            <<<static_cast<unsigned>(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                 reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
                 sums.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -223,7 +265,7 @@ struct CudaDistillKernels {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       mapping_distance_bwd_kernel<scalar_t, acc_t>
-          <<<static_cast<unsigned>(count), kChunkThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          <<<static_cast<unsigned>(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
               grad_distances.const_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,6 +279,7 @@ struct CudaDistillKernels {
 TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
   using K = mapopt::cuda::CudaDistillKernels;
   m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
+  m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
   m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
   m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
 }

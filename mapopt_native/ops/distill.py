@@ -46,25 +46,43 @@ def _check_kd(student, teacher, target, alpha, distance, temperature):
             f"{list(student.shape)}, got {list(target.shape)}"))
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels (at::opmath_type): float32 for 16-bit inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @torch.library.register_fake("mapopt_native::kd_loss_fwd")
-def _(student, teacher, target, alpha, distance, temperature, ignore_index, need_grad):
+def _(student, teacher, target, alpha, distance, temperature, ignore_index):
     _check_kd(student, teacher, target, alpha, distance, temperature)
-    grad = student.new_empty(student.shape if need_grad else (0,))
-    return student.new_empty(student.shape[:1]), grad
+    N = student.shape[0]
+    return student.new_empty((N,)), student.new_empty((N, 3), dtype=_stats_dtype(student.dtype))
+
+
+@torch.library.register_fake("mapopt_native::kd_loss_bwd")
+def _(grad_loss, student, teacher, target, row_stats, alpha, distance, temperature, ignore_index):
+    _check_kd(student, teacher, target, alpha, distance, temperature)
+    N = student.shape[0]
+    torch._check(grad_loss.shape == (N,),
+                 lambda: f"grad_loss must have shape (N,) = ({N},), got {list(grad_loss.shape)}")
+    torch._check(row_stats.shape == (N, 3), lambda: (
+        f"row_stats must have shape (N, 3) = ({N}, 3), got {list(row_stats.shape)}"))
+    return student.new_empty(student.shape)
 
 
 def _kd_setup_context(ctx, inputs, output):
-    _, grad_rows = output
-    ctx.save_for_backward(grad_rows)
-    ctx.mark_non_differentiable(grad_rows)
+    student, teacher, target, alpha, distance, temperature, ignore_index = inputs
+    _, row_stats = output
+    ctx.save_for_backward(student, teacher, target, row_stats)
+    ctx.args = (alpha, distance, temperature, ignore_index)
+    ctx.mark_non_differentiable(row_stats)
 
 
-def _kd_backward(ctx, grad_loss, _grad_rows):
-    (grad_rows,) = ctx.saved_tensors
-    if grad_rows.numel() == 0 and grad_loss.numel() > 0:
-        raise RuntimeError("kd_loss_fwd was called with need_grad=False: no gradient was kept")
-    # The forward wrote ∂L_b/∂s_b; the chain rule is one scale per row.
-    return grad_rows * grad_loss.unsqueeze(1), None, None, None, None, None, None, None
+def _kd_backward(ctx, grad_loss, _grad_row_stats):
+    student, teacher, target, row_stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _ops.kd_loss_bwd(grad_loss, student, teacher, target, row_stats, *ctx.args)
+    return grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mapopt_native::kd_loss_fwd", _kd_backward,
@@ -88,8 +106,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     Note that "l2" with "mean" is C × F.mse_loss(s, t) (the squared norm is summed over the C
     features of a sample, MSE averages over them too).
 
-    The teacher receives no gradient. One pass over the logits computes the loss and, when the
-    student requires grad, its gradient rows too; the backward only scales them."""
+    The teacher receives no gradient. The forward reads the logits once (online softmax) and
+    keeps 3 numbers per sample; the backward reads them once more and writes the gradient, the
+    only logits-size buffer either allocates."""
     _check_reduction(reduction)
     # Plain raises (not torch._check): these run in the traced function itself under compile.
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
@@ -107,9 +126,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     s = student_logits.reshape(-1, C)
     t = teacher_logits.reshape(-1, C)
     y = target.reshape(-1) if target is not None else None
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     rows, _ = _ops.kd_loss_fwd(s, t.detach(), y, float(alpha), distance, float(temperature),
-                               int(ignore_index), need_grad)
+                               int(ignore_index))
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
