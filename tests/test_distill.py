@@ -16,8 +16,11 @@ from mapopt_native.distill import Distiller, accuracy, kd_loss, mapping_distance
 
 from conftest import CUDA_DTYPES, assert_close
 
-ops = torch.ops.mapopt_native
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+from distill_digits import digits_accuracies, mlp  # noqa: E402
+
+ops = torch.ops.mapopt_native
 
 
 def logits(N, C, dtype=torch.float64, device="cpu", scale=3.0):
@@ -394,13 +397,6 @@ def test_mapping_distance_cuda_matches_cpu(dtype):
 # ---------------------------------------------------------------- Distiller
 
 
-def mlp(*widths):
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
 def test_distiller_loss_with_feature_adapters():
     """The Distiller's loss is kd_loss plus the weighted feature distances, with a Linear adapter
     for a width mismatch (created on the first batch) and a 1x1 conv for a (B, C, H, W) one; the
@@ -457,51 +453,6 @@ def test_distiller_bad_features():
     d = Distiller(teacher, student, features={"1": "1"}, adapters=None)
     with pytest.raises(ValueError, match=r"student shape \[2, 4\] differs from the teacher's"):
         d(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))
-
-
-def digits_accuracies(seed=0):
-    """Teacher MLP trained on 1000 digits; a 16-unit student trained on 100 of them, alone (CE)
-    or distilled from the teacher (KL, T = 4), same seed and epochs; accuracy on the other 797.
-    Verified over seeds 0-4: distilled wins each time by 2.6 to 6.5 points."""
-    from sklearn.datasets import load_digits
-
-    X, Y = load_digits(return_X_y=True)
-    X, Y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(Y)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(X), generator=g)
-    train, test = perm[:1000], perm[1000:]
-    test_loader = [(X[test], Y[test])]
-
-    def batches(idx):
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        return [(X[idx[i:i + 64]], Y[idx[i:i + 64]]) for i in range(0, len(idx), 64)]
-
-    torch.manual_seed(seed)
-    teacher = mlp(64, 256, 256, 10)
-    opt = torch.optim.Adam(teacher.parameters(), 1e-3)
-    for _ in range(30):
-        for x, y in batches(train):
-            opt.zero_grad()
-            F.cross_entropy(teacher(x), y).backward()
-            opt.step()
-
-    transfer = batches(train[:100])
-    results = {"teacher": accuracy(teacher, test_loader)}
-    for name in ("alone", "distilled"):
-        torch.manual_seed(1000 + seed)
-        student = mlp(64, 16, 10)
-        if name == "alone":
-            opt = torch.optim.Adam(student.parameters(), 1e-2)
-            for _ in range(100):
-                for x, y in transfer:
-                    opt.zero_grad()
-                    F.cross_entropy(student(x), y).backward()
-                    opt.step()
-        else:
-            Distiller(teacher, student, alpha=0.9, distance="kl", temperature=4.0).fit(
-                transfer, 100, lr=1e-2, progress=False)
-        results[name] = accuracy(student, test_loader)
-    return results
 
 
 def test_distillation_on_digits_beats_training_alone():
