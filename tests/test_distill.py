@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from mapopt_native import reference
@@ -61,6 +63,25 @@ def test_kd_loss_matches_reference(distance, temperature, alpha, reduction, dtyp
     if reduction == "none":  # ignored rows: exactly zero loss and gradient
         ignored = y == -100
         assert (ours[0][ignored] == 0).all() and (ours[1][ignored] == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(0, 9), C=st.integers(1, 70), distance=st.sampled_from(["l2", "kl"]),
+       temperature=st.floats(0.1, 10.0), alpha=st.floats(0.0, 1.0),
+       with_target=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kd_loss_property(N, C, distance, temperature, alpha, with_target, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = 4 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    t = 4 * torch.randn(N, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g) if with_target else None
+    if y is not None and N:
+        y[0] = -100
+    kw = dict(distance=distance, temperature=temperature, reduction="none")
+    grad_out = torch.randn(N, generator=g, dtype=torch.float64)
+    ours = loss_and_grad(lambda a, b: kd_loss(a, b, y, alpha, **kw), s, t, grad_out)
+    ref = loss_and_grad(lambda a, b: reference.kd_loss(a, b, y, alpha, **kw), s, t, grad_out)
+    assert_close(ours[0], ref[0], scale=100)
+    assert_close(ours[1], ref[1], scale=100)
 
 
 def test_kd_loss_matches_torch_functional():
@@ -453,6 +474,18 @@ def test_distiller_bad_features():
     d = Distiller(teacher, student, features={"1": "1"}, adapters=None)
     with pytest.raises(ValueError, match=r"student shape \[2, 4\] differs from the teacher's"):
         d(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.cuda
+def test_distiller_fit_with_amp_on_cuda():
+    torch.manual_seed(0)
+    teacher, student = mlp(8, 32, 4).cuda(), mlp(8, 6, 4).cuda()
+    d = Distiller(teacher, student, distance="kl", temperature=2.0, features={"1": "1"})
+    x, y = torch.randn(16, 8, device="cuda"), torch.randint(0, 4, (16,), device="cuda")
+    before = [p.detach().clone() for p in student.parameters()]
+    history = d.fit([(x, y)] * 4, epochs=2, lr=1e-2, progress=False)  # amp on by default
+    assert all(torch.isfinite(torch.tensor(history["loss"])))
+    assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 
 def test_distillation_on_digits_beats_training_alone():

@@ -66,6 +66,9 @@ def _(grad_loss, student, teacher, target, row_stats, alpha, distance, temperatu
                  lambda: f"grad_loss must have shape (N,) = ({N},), got {list(grad_loss.shape)}")
     torch._check(row_stats.shape == (N, 3), lambda: (
         f"row_stats must have shape (N, 3) = ({N}, 3), got {list(row_stats.shape)}"))
+    torch._check(row_stats.dtype == _stats_dtype(student.dtype), lambda: (
+        f"row_stats must have dtype {_stats_dtype(student.dtype)} (kd_loss_fwd's), got "
+        f"{row_stats.dtype}"))
     return student.new_empty(student.shape)
 
 
