@@ -105,7 +105,7 @@ class Distiller:
     should call prepare(x) on one batch before building its optimizer."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, alpha: float = 0.5,
-                 distance: str = "kl", temperature: float = 1.0,
+                 distance: str = "l2", temperature: float = 1.0,
                  features: Mapping[str, str] | None = None,
                  feature_weights: Sequence[float] | None = None, adapters="auto",
                  ignore_index: int = -100):
@@ -143,6 +143,8 @@ class Distiller:
             teacher_logits = self.teacher(x)
         teacher_features = self.teacher_capture.take(self.teacher_names)
         logits, features = self.model(x, teacher_features)
+        # Under autocast the two models' outputs may differ in precision; the op takes one dtype.
+        teacher_logits = teacher_logits.to(logits.dtype)
         loss = kd_loss(logits, teacher_logits, y, self.alpha, distance=self.distance,
                        temperature=self.temperature, ignore_index=self.ignore_index)
         if features:
