@@ -292,6 +292,15 @@ def test_mapping_distance_gradcheck_and_opcheck():
                                                      [t.float() for t in teachers]))
 
 
+def test_mapping_distance_compiled():
+    torch._dynamo.reset()
+    students, teachers = mixed_pairs(4)
+    fn = torch.compile(lambda s, t: mapping_distance(s, t, weights=[1.0, 0.5, 2.0, 0.1],
+                                                     reduction="sum"), fullgraph=True)
+    expected = reference.mapping_distance(students, teachers, [1.0, 0.5, 2.0, 0.1], "sum")
+    assert_close(fn(students, teachers), expected)
+
+
 # ---------------------------------------------------------------- bad input
 
 

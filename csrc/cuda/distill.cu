@@ -242,7 +242,8 @@ struct CudaDistillKernels {
     dispatch(out, [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
-      at::Tensor sums = at::zeros(out.sizes(), out.options().dtype(at::toOpMathType(out.scalar_type())));
+      at::Tensor sums =
+          at::zeros(out.sizes(), out.options().dtype(at::toOpMathType(out.scalar_type())));
       if (count > 0) {
         mapping_distance_fwd_kernel<scalar_t, acc_t>
             <<<static_cast<unsigned>(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
