@@ -108,14 +108,20 @@ inline void check_pairs(at::TensorList students, at::TensorList teachers) {
   const at::Tensor& ref = students[0];
   TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()),
                    "students[0] must have a floating dtype, got ", ref.scalar_type());
+  // Messages are built only on failure: this runs on every call.
   for (size_t j = 0; j < students.size(); ++j) {
-    const std::string sj = "students[" + std::to_string(j) + "]";
-    const std::string tj = "teachers[" + std::to_string(j) + "]";
-    TORCH_CHECK_VALUE(students[j].dim() >= 1, sj, " must have a batch dimension, got a scalar");
-    TORCH_CHECK_VALUE(teachers[j].sizes() == students[j].sizes(), tj, " must have the shape of ",
-                      sj, " = ", students[j].sizes(), ", got ", teachers[j].sizes());
-    check_like(students[j], sj.c_str(), ref, "students[0]");
-    check_like(teachers[j], tj.c_str(), ref, "students[0]");
+    const at::Tensor& s = students[j];
+    TORCH_CHECK_VALUE(s.dim() >= 1, "students[", j, "] must have a batch dimension, got a scalar");
+    TORCH_CHECK_VALUE(teachers[j].sizes() == s.sizes(), "teachers[", j, "] must have the shape ",
+                      "of students[", j, "] = ", s.sizes(), ", got ", teachers[j].sizes());
+    for (const at::Tensor* x : {&s, &teachers[j]}) {
+      const char* list = x == &s ? "students" : "teachers";
+      TORCH_CHECK_TYPE(x->scalar_type() == ref.scalar_type(), list, "[", j, "] has dtype ",
+                       x->scalar_type(), " but students[0] has dtype ", ref.scalar_type(),
+                       ": all tensors must share one dtype");
+      TORCH_CHECK(x->device() == ref.device(), list, "[", j, "] is on ", x->device(),
+                  " but students[0] is on ", ref.device(), ": all tensors must be on one device");
+    }
   }
 }
 
