@@ -152,6 +152,16 @@ def test_kd_loss_sequences_and_noncontiguous(distance):
         assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("distance", ["l2", "kl"])
+@pytest.mark.parametrize("column", [3, 37])  # in the vector body, in the scalar tail
+def test_kd_loss_nan_propagates_to_its_row_only(distance, column):
+    for which in ("student", "teacher"):
+        s, t, y = logits(3, 40, torch.float32), logits(3, 40, torch.float32), targets(3, 40)
+        (s if which == "student" else t)[1, column] = float("nan")
+        rows = kd_loss(s, t, y, 0.5, distance=distance, temperature=2.0, reduction="none")
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
 def test_kd_loss_all_ignored_and_empty():
     s, t = logits(4, 7), logits(4, 7)
     y = torch.full((4,), -100)
