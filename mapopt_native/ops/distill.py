@@ -129,7 +129,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     s = student_logits.reshape(-1, C)
     t = teacher_logits.reshape(-1, C)
     y = target.reshape(-1) if target is not None else None
-    rows, _ = _ops.kd_loss_fwd(s, t.detach(), y, float(alpha), distance, float(temperature),
+    rows, _ = _ops.kd_loss_fwd(s, t, y, float(alpha), distance, float(temperature),
                                int(ignore_index))
     if reduction == "none":
         return rows.reshape(lead)
@@ -209,7 +209,7 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     students, teachers = list(students), list(teachers)
     if not students:  # the dispatcher needs a tensor to pick a kernel
         raise ValueError("students must hold at least one tensor")
-    d = _ops.mapping_distance_fwd(students, [t.detach() for t in teachers])
+    d = _ops.mapping_distance_fwd(students, teachers)  # the autograd formula skips teachers
     if weights is not None:
         w = torch.as_tensor(weights, dtype=d.dtype, device=d.device)
         if w.shape != d.shape:
