@@ -81,4 +81,23 @@ TORCH_LIBRARY(mapopt_native, m) {
       "activation_with_hessian_norm_bwd(Tensor grad_output, Tensor z, str activation, "
       "float negative_slope, float alpha) -> Tensor",
       tags);
+
+  // Distillation, MATH.md §3. kd_loss_fwd: per-row losses (N,) of (N, C) logits, and per-row
+  // log-normalisers (N, 3) from which kd_loss_bwd writes grad_loss[b] · ∂L_b/∂s_b in one pass.
+  // target None: the distance term alone. distance: 'l2' or 'kl'. The teacher gets no gradient.
+  m.def(
+      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? target, float alpha, str distance, "
+      "float temperature, int ignore_index) -> (Tensor loss, Tensor row_stats)",
+      tags);
+  m.def(
+      "kd_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, "
+      "Tensor row_stats, float alpha, str distance, float temperature, int ignore_index) -> "
+      "Tensor",
+      tags);
+  // D_j = (1/B_j) Σ_b ‖s_b - t_b‖² for every pair (students[j], teachers[j]), in one pass.
+  m.def("mapping_distance_fwd(Tensor[] students, Tensor[] teachers) -> Tensor", tags);
+  m.def(
+      "mapping_distance_bwd(Tensor grad_distances, Tensor[] students, Tensor[] teachers) -> "
+      "Tensor[]",
+      tags);
 }

@@ -1,11 +1,12 @@
-"""mapopt_native: fused gated recurrent cells (and, as they land, Hessian-norm pruning importance
-and distillation losses) for PyTorch, as C++/CUDA custom ops under a thin Python layer."""
+"""mapopt_native: fused gated recurrent cells and layers (mapopt_native.nn), Hessian-norm pruning
+importance (mapopt_native.prune) and distillation losses (mapopt_native.distill) for PyTorch, as
+C++/CUDA custom ops under a thin Python layer."""
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers the torch.ops.mapopt_native.* ops
 from . import ops  # noqa: F401  (fake kernels and autograd formulas of those ops)
-from . import nn, reference  # noqa: F401
+from . import distill, nn, prune, reference  # noqa: F401
 
 # The gate families (MATH.md §1), in the order the native code numbers them.
 GATES = tuple(_C.gate_names())
@@ -27,4 +28,5 @@ def build_info():
     }
 
 
-__all__ = ["ACTIVATIONS", "GATES", "build_info", "nn", "ops", "reference"]
+__all__ = ["ACTIVATIONS", "GATES", "build_info", "distill", "nn", "ops", "prune",
+           "reference"]

@@ -10,7 +10,7 @@ from torch import Tensor
 
 __all__ = ["gate", "gru_cell", "lstm_cell", "rnn", "activation", "activation_second_derivative",
            "hessian_term", "hessian_norm_linear", "hessian_norm_conv",
-           "activation_with_hessian_norm"]
+           "activation_with_hessian_norm", "kd_loss", "mapping_distance"]
 
 
 def gate(name: str, z: Tensor) -> Tensor:
@@ -167,3 +167,40 @@ def activation_with_hessian_norm(z: Tensor, s: Tensor, activation_name: str,
     """(φ(z), Σ over dim 0 of the per-element term): what the fused op returns and adds."""
     term = hessian_term(activation_name, z, s, sigma, negative_slope, alpha)
     return activation(activation_name, z, negative_slope, alpha), term.sum(0)
+def kd_loss(student: Tensor, teacher: Tensor, target: Tensor | None = None, alpha: float = 0.5,
+            distance: str = "l2", temperature: float = 1.0, ignore_index: int = -100,
+            reduction: str = "mean") -> Tensor:
+    """L = (1 - α)·CE + α·D over the samples whose target is not ignore_index (MATH.md §3), as
+    separate ATen passes; logits (..., C). target None: L = D."""
+    C = student.shape[-1]
+    s, t = student.reshape(-1, C), teacher.detach().reshape(-1, C)
+    if distance == "l2":
+        dist = (s - t).pow(2).sum(-1)
+    elif distance == "kl":
+        T = temperature
+        log_p, log_q = torch.log_softmax(t / T, -1), torch.log_softmax(s / T, -1)
+        dist = T * T * (log_p.exp() * (log_p - log_q)).sum(-1)
+    else:
+        raise ValueError(f"distance must be 'l2' or 'kl', got {distance!r}")
+    if target is None:
+        rows, kept = dist, torch.ones_like(dist, dtype=torch.bool)
+    else:
+        y = target.reshape(-1)
+        kept = y != ignore_index
+        ce = torch.nn.functional.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
+        rows = torch.where(kept, (1 - alpha) * ce + alpha * dist, torch.zeros_like(dist))
+    if reduction == "none":
+        return rows.reshape(student.shape[:-1])
+    return rows.sum() if reduction == "sum" else rows.sum() / kept.sum()
+
+
+def mapping_distance(students, teachers, weights=None, reduction: str = "mean") -> Tensor:
+    """D_j = (1/B_j) Σ_b ‖s_j[b] - t_j[b]‖² per pair (0 for an empty batch), a Python loop;
+    then weighted, and summed ("sum"), averaged over pairs ("mean") or not ("none")."""
+    d = torch.stack([(s - t.detach()).pow(2).sum() / max(s.shape[0], 1)
+                     for s, t in zip(students, teachers)])
+    if weights is not None:
+        d = d * torch.as_tensor(weights, dtype=d.dtype, device=d.device)
+    if reduction == "none":
+        return d
+    return d.sum() if reduction == "sum" else d.mean()

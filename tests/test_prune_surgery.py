@@ -1,6 +1,5 @@
 """Pruning surgery, fine-tuning and iterative schedules (MATH.md §2.5)."""
 
-import importlib.util
 import math
 
 import pytest
@@ -336,8 +335,6 @@ def test_finetune_refuses_a_stale_optimizer_and_a_spent_generator():
         finetune(model, iter(regression(1)), F.mse_loss, epochs=2, progress=False)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mapopt_native.distill") is None,
-                    reason="mapopt_native.distill (kd_loss) is on another branch")
 def test_finetune_distils_from_a_frozen_teacher():
     torch.manual_seed(0)
     teacher = mlp(16)
