@@ -23,6 +23,7 @@ echo "== GPU benchmarks"
 $PY bench/bench_cells.py --device cuda --batch 32,256 --hidden 256,1024 --rounds 3 --min-run-time 0
 $PY bench/bench_rnn.py --device cuda --batch 64 --hidden 512 --layers 1,2 --rounds 3 --min-run-time 0 --no-sru
 $PY bench/bench_importance.py --device cuda --quick
+$PY bench/bench_distill.py --device cuda --quick
 
 if [ -n "${OUT:-}" ]; then
   cp bench/results/*cuda*.json "$OUT"/ 2>/dev/null || true
