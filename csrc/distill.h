@@ -20,6 +20,7 @@
 
 #include "common/checks.h"
 #include "common/distill.h"
+#include "large_buffer.h"
 
 namespace mapopt {
 
@@ -92,7 +93,7 @@ at::Tensor kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
                    " (kd_loss_fwd's), got ", row_stats.scalar_type());
   const c10::DeviceGuard guard(student.device());
   const at::Tensor s = student.contiguous();
-  at::Tensor grad = at::empty_like(s);
+  at::Tensor grad = empty_large(s.sizes(), s.options());
   K::kd_loss_bwd_rows(grad_loss.contiguous(), s, teacher.contiguous(),
                       target ? target->contiguous() : at::Tensor(), row_stats.contiguous(), d,
                       alpha, temperature, ignore_index, grad);

@@ -28,6 +28,7 @@
 
 #include "common/activations.h"
 #include "common/checks.h"
+#include "large_buffer.h"
 
 namespace mapopt {
 
@@ -220,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> activation_with_hessian_norm_fwd(
   const at::Tensor zc = z.contiguous();
   const at::Tensor sc =
       s.to(at::toOpMathType(s.scalar_type())).expand(features).contiguous().view({M});
-  at::Tensor out = at::empty_like(zc);
+  at::Tensor out = empty_large(zc.sizes(), zc.options());
   at::Tensor term = sum_hessian_term<K>(zc.view({B, M}), sc, out.view({B, M}), spec);
   return {out, term.view(features)};
 }
@@ -237,7 +238,7 @@ at::Tensor activation_with_hessian_norm_bwd(const at::Tensor& grad_output, const
   check_like(grad_output, "grad_output", z, "z");
   c10::OptionalDeviceGuard guard(z.device());
   const at::Tensor zc = z.contiguous();
-  at::Tensor grad_z = at::empty_like(zc);
+  at::Tensor grad_z = empty_large(zc.sizes(), zc.options());
   K::activation_bwd(grad_output.contiguous(), zc, grad_z, spec);
   return grad_z;
 }
