@@ -34,22 +34,8 @@ namespace mapopt {
 
 namespace hessian_detail {
 
-inline std::string valid_activation_list() {
-  std::string out;
-  for (int i = 0; i < kNumActivations; ++i) {
-    out += (i ? ", '" : "'");
-    out += kActivationNames[i];
-    out += "'";
-  }
-  return out;
-}
-
 inline Activation parse_activation_name(std::string_view name) {
-  for (int i = 0; i < kNumActivations; ++i) {
-    if (name == kActivationNames[i]) return static_cast<Activation>(i);
-  }
-  TORCH_CHECK_VALUE(false, "activation must be one of ", valid_activation_list(), ", got '",
-                    std::string(name), "'");
+  return parse_name<Activation>(name, kActivationNames, "activation");
 }
 
 // The activation and its constants; sigma must be given (> 0) exactly for the piecewise-linear

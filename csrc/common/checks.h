@@ -13,23 +13,18 @@
 
 namespace mapopt {
 
-inline std::string valid_gate_list() {
-  std::string out;
-  for (int i = 0; i < kNumGates; ++i) {
-    out += (i ? ", '" : "'");
-    out += kGateNames[i];
-    out += "'";
+// An enum value by its name in `names` (what: the argument, for the error, which lists them all).
+template <class Enum, std::size_t N>
+Enum parse_name(std::string_view name, const char* const (&names)[N], const char* what) {
+  std::string valid;
+  for (std::size_t i = 0; i < N; ++i) {
+    if (name == names[i]) return static_cast<Enum>(i);
+    valid += (i ? ", '" : "'") + std::string(names[i]) + "'";
   }
-  return out;
+  TORCH_CHECK_VALUE(false, what, " must be one of ", valid, ", got '", std::string(name), "'");
 }
 
-inline Gate parse_gate(std::string_view name) {
-  for (int i = 0; i < kNumGates; ++i) {
-    if (name == kGateNames[i]) return static_cast<Gate>(i);
-  }
-  TORCH_CHECK_VALUE(false, "gate must be one of ", valid_gate_list(), ", got '", std::string(name),
-                    "'");
-}
+inline Gate parse_gate(std::string_view name) { return parse_name<Gate>(name, kGateNames, "gate"); }
 
 // Same dtype and device as `ref` (named ref_name), and a floating dtype.
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_like
+
 _ops = torch.ops.mapopt_native
 
 DISTANCES = ("l2", "kl")
@@ -158,12 +160,7 @@ def _check_pairs(students, teachers):
             f"teachers[{j}] must have the shape of students[{j}] = {list(s.shape)}, got "
             f"{list(t.shape)}"))
         for x, name in ((s, f"students[{j}]"), (t, f"teachers[{j}]")):
-            torch._check(x.dtype == ref.dtype, lambda: (
-                f"{name} has dtype {x.dtype} but students[0] has dtype {ref.dtype}: all tensors "
-                "must share one dtype"))
-            torch._check(x.device == ref.device, lambda: (
-                f"{name} is on {x.device} but students[0] is on {ref.device}: all tensors must "
-                "be on one device"))
+            check_like(x, name, ref, "students[0]")
 
 
 @torch.library.register_fake("mapopt_native::mapping_distance_fwd")

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .checks import check_like, check_shape
 
 _ops = torch.ops.mapopt_native
 _GATES = tuple(_C.gate_names())
@@ -16,20 +17,6 @@ def check_gate(gate: str) -> None:
     if gate not in _GATES:
         raise ValueError(
             f"gate must be one of {', '.join(repr(g) for g in _GATES)}, got {gate!r}")
-
-
-def _check_like(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    torch._check(t.dtype == ref.dtype, lambda: (
-        f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}: all tensors must "
-        "share one dtype"))
-    torch._check(t.device == ref.device, lambda: (
-        f"{name} is on {t.device} but {ref_name} is on {ref.device}: all tensors must be on "
-        "one device"))
-
-
-def _check_shape(t: Tensor, name: str, expected, meaning: str) -> None:
-    torch._check(tuple(t.shape) == tuple(expected), lambda: (
-        f"{name} must have shape {meaning} = {list(expected)}, got {list(t.shape)}"))
 
 
 def check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh):
@@ -43,21 +30,21 @@ def check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh):
     torch._check(input.shape[-1] == w_ih.shape[1], lambda: (
         f"input has {input.shape[-1]} features but weight_ih {list(w_ih.shape)} expects "
         f"input_size={w_ih.shape[1]}"))
-    _check_shape(w_hh, "weight_hh", (chunks * H, H), "(chunks*hidden_size, hidden_size)")
-    _check_like(w_ih, "weight_ih", input, "input")
-    _check_like(w_hh, "weight_hh", input, "input")
+    check_shape(w_hh, "weight_hh", (chunks * H, H), "(chunks*hidden_size, hidden_size)")
+    check_like(w_ih, "weight_ih", input, "input")
+    check_like(w_hh, "weight_hh", input, "input")
     torch._check((b_ih is None) == (b_hh is None),
                  lambda: "bias_ih and bias_hh must be given together or both omitted")
     if b_ih is not None:
         for t, name in ((b_ih, "bias_ih"), (b_hh, "bias_hh")):
-            _check_shape(t, name, (chunks * H,), "(chunks*hidden_size,)")
-            _check_like(t, name, input, "input")
+            check_shape(t, name, (chunks * H,), "(chunks*hidden_size,)")
+            check_like(t, name, input, "input")
     return H
 
 
 def check_state(state, name, batch, H, input):
-    _check_shape(state, name, (batch, H), "(batch, hidden_size)")
-    _check_like(state, name, input, "input")
+    check_shape(state, name, (batch, H), "(batch, hidden_size)")
+    check_like(state, name, input, "input")
 
 
 def _check_cell(chunks, input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .gated_cells import _check_like, _check_shape
+from .checks import check_like, check_shape
 
 _ops = torch.ops.mapopt_native
 ACTIVATIONS = tuple(_C.activation_names())
@@ -65,8 +65,8 @@ def _check_floating(t: Tensor, name: str) -> None:
 
 def _check_bias(bias, units, meaning, input):
     if bias is not None:
-        _check_shape(bias, "bias", (units,), meaning)
-        _check_like(bias, "bias", input, "input")
+        check_shape(bias, "bias", (units,), meaning)
+        check_like(bias, "bias", input, "input")
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -87,7 +87,7 @@ def _(input, weight, bias, activation, sigma, negative_slope, alpha, reduction):
     torch._check(input.shape[-1] == weight.shape[1], lambda: (
         f"input has {input.shape[-1]} features (shape {list(input.shape)}) but weight "
         f"{list(weight.shape)} expects in_features={weight.shape[1]}"))
-    _check_like(weight, "weight", input, "input")
+    check_like(weight, "weight", input, "input")
     _check_bias(bias, weight.shape[0], "(out_features,)", input)
     return input.new_empty((weight.shape[0],))
 
@@ -120,7 +120,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, activation, sigma,
         f"input has {input.shape[1]} channels (shape {list(input.shape)}) but weight "
         f"{list(weight.shape)} with groups={groups} expects "
         f"in_channels={weight.shape[1] * groups}"))
-    _check_like(weight, "weight", input, "input")
+    check_like(weight, "weight", input, "input")
     _check_bias(bias, C, "(out_channels,)", input)
     _check_conv_param(stride, dims, "stride", 1)
     _check_conv_param(padding, dims, "padding", 0)
@@ -132,7 +132,7 @@ def _check_z_s(z, s):
     _check_floating(z, "z")
     torch._check(z.dim() >= 1,
                  lambda: "z must have a batch dimension (batch, *features), got a scalar")
-    _check_like(s, "s", z, "z")
+    check_like(s, "s", z, "z")
     features = tuple(z.shape[1:])
     torch._check(s.dim() <= len(features) and all(
         a in (1, b) for a, b in zip(reversed(s.shape), reversed(features))), lambda: (
@@ -151,8 +151,8 @@ def _(z, s, activation, sigma, negative_slope, alpha):
 def _(grad_output, z, activation, negative_slope, alpha):
     _check_activation_name(activation)
     _check_floating(z, "z")
-    _check_shape(grad_output, "grad_output", z.shape, "z.shape")
-    _check_like(grad_output, "grad_output", z, "z")
+    check_shape(grad_output, "grad_output", z.shape, "z.shape")
+    check_like(grad_output, "grad_output", z, "z")
     return z.new_empty(z.shape)
 
 
