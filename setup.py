@@ -95,7 +95,8 @@ def make_extension():
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    sources = ["csrc/registration.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (["csrc/registration.cpp", "csrc/python_module.cpp"]
+               + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")))
     macros = [
         ("MAPOPT_WITH_CUDA", "1" if with_cuda else "0"),
         ("MAPOPT_CUDA_ARCH", f'"{arch if with_cuda else ""}"'),

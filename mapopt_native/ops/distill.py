@@ -175,21 +175,8 @@ def _(grad_distances, students, teachers):
     return [s.new_empty(s.shape) for s in students]
 
 
-def _md_setup_context(ctx, inputs, output):
-    students, teachers = inputs
-    ctx.save_for_backward(*students, *teachers)
-    ctx.pairs = len(students)
-
-
-def _md_backward(ctx, grad_distances):
-    saved = ctx.saved_tensors
-    students, teachers = saved[:ctx.pairs], saved[ctx.pairs:]
-    grads = _ops.mapping_distance_bwd(grad_distances.contiguous(), students, teachers)
-    return grads, [None] * ctx.pairs
-
-
-torch.library.register_autograd("mapopt_native::mapping_distance_fwd", _md_backward,
-                                setup_context=_md_setup_context)
+# mapping_distance_fwd's autograd kernel is in C++ (csrc/autograd/distill.cpp): for many small
+# pairs a Python autograd formula cost several times the kernels.
 
 
 def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
