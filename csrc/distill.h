@@ -38,8 +38,7 @@ inline Distance check_kd_inputs(const at::Tensor& student, const at::Tensor& tea
   TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
                     "temperature must be positive and finite, got ", temperature);
-  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()),
-                   "student logits must have a floating dtype, got ", student.scalar_type());
+  check_floating(student, "student logits");
   TORCH_CHECK_VALUE(student.dim() == 2 && student.size(1) > 0,
                     "student logits must be 2-D (N, C) with C >= 1, got shape ", student.sizes());
   TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher logits must have the student's ",
@@ -107,8 +106,7 @@ inline void check_pairs(at::TensorList students, at::TensorList teachers) {
   TORCH_CHECK_VALUE(students.size() == teachers.size(), "students and teachers must have one ",
                     "length, got ", students.size(), " and ", teachers.size());
   const at::Tensor& ref = students[0];
-  TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()),
-                   "students[0] must have a floating dtype, got ", ref.scalar_type());
+  check_floating(ref, "students[0]");
   // Messages are built only on failure: this runs on every call.
   for (size_t j = 0; j < students.size(); ++j) {
     const at::Tensor& s = students[j];

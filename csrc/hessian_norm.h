@@ -64,11 +64,6 @@ inline bool parse_reduction(std::string_view reduction) {
   return reduction == "mean";
 }
 
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must have a floating dtype, got ",
-                   t.scalar_type());
-}
-
 // Σ over the B rows of z (B, M) of the per-element term, (M) in opmath; φ(z) into value if defined.
 template <class K>
 at::Tensor sum_hessian_term(const at::Tensor& z, const at::Tensor& s, const at::Tensor& value,

@@ -26,7 +26,12 @@ Enum parse_name(std::string_view name, const char* const (&names)[N], const char
 
 inline Gate parse_gate(std::string_view name) { return parse_name<Gate>(name, kGateNames, "gate"); }
 
-// Same dtype and device as `ref` (named ref_name), and a floating dtype.
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must have a floating dtype, got ",
+                   t.scalar_type());
+}
+
+// Same dtype and device as `ref` (named ref_name).
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
@@ -47,8 +52,7 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
 inline int64_t check_weights(int64_t chunks, const at::Tensor& input, const at::Tensor& w_ih,
                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                              const std::optional<at::Tensor>& b_hh) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
-                   "input must have a floating dtype, got ", input.scalar_type());
+  check_floating(input, "input");
   TORCH_CHECK_VALUE(input.dim() == 2, "input must be 2-D (batch, input_size), got shape ",
                     input.sizes());
   TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_ih.size(0) % chunks == 0 && w_ih.size(0) > 0,

@@ -5,6 +5,11 @@ import torch
 from torch import Tensor
 
 
+def check_floating(t: Tensor, name: str) -> None:
+    torch._check(t.dtype.is_floating_point,
+                 lambda: f"{name} must have a floating dtype, got {t.dtype}")
+
+
 def check_like(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
     torch._check(t.dtype == ref.dtype, lambda: (
         f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}: all tensors must "

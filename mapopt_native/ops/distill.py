@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_like
+from .checks import check_floating, check_like
 
 _ops = torch.ops.mapopt_native
 
@@ -27,8 +27,7 @@ def _check_kd(student, teacher, target, alpha, distance, temperature):
     torch._check(0.0 <= alpha <= 1.0, lambda: f"alpha must be in [0, 1], got {alpha}")
     torch._check(0.0 < temperature < float("inf"),
                  lambda: f"temperature must be positive and finite, got {temperature}")
-    torch._check(student.dtype.is_floating_point,
-                 lambda: f"student logits must have a floating dtype, got {student.dtype}")
+    check_floating(student, "student logits")
     torch._check(student.dim() == 2 and student.shape[1] > 0, lambda: (
         f"student logits must be 2-D (N, C) with C >= 1, got shape {list(student.shape)}"))
     torch._check(teacher.shape == student.shape, lambda: (
@@ -151,8 +150,7 @@ def _check_pairs(students, teachers):
     torch._check(len(students) == len(teachers), lambda: (
         f"students and teachers must have one length, got {len(students)} and {len(teachers)}"))
     ref = students[0]
-    torch._check(ref.dtype.is_floating_point,
-                 lambda: f"students[0] must have a floating dtype, got {ref.dtype}")
+    check_floating(ref, "students[0]")
     for j, (s, t) in enumerate(zip(students, teachers)):
         torch._check(s.dim() >= 1,
                      lambda: f"students[{j}] must have a batch dimension, got a scalar")

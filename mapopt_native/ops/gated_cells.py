@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .checks import check_like, check_shape
+from .checks import check_floating, check_like, check_shape
 
 _ops = torch.ops.mapopt_native
 _GATES = tuple(_C.gate_names())
@@ -22,8 +22,7 @@ def check_gate(gate: str) -> None:
 def check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh):
     """The fake-kernel mirror of check_weights in csrc/common/checks.h (input: its last dim is
     the features); returns H."""
-    torch._check(input.dtype.is_floating_point,
-                 lambda: f"input must have a floating dtype, got {input.dtype}")
+    check_floating(input, "input")
     torch._check(w_ih.dim() == 2 and w_ih.shape[0] % chunks == 0 and w_ih.shape[0] > 0, lambda: (
         f"weight_ih must have shape ({chunks}*hidden_size, input_size), got {list(w_ih.shape)}"))
     H = w_ih.shape[0] // chunks

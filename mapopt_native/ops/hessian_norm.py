@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .checks import check_like, check_shape
+from .checks import check_floating, check_like, check_shape
 
 _ops = torch.ops.mapopt_native
 ACTIVATIONS = tuple(_C.activation_names())
@@ -58,11 +58,6 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _check_floating(t: Tensor, name: str) -> None:
-    torch._check(t.dtype.is_floating_point,
-                 lambda: f"{name} must have a floating dtype, got {t.dtype}")
-
-
 def _check_bias(bias, units, meaning, input):
     if bias is not None:
         check_shape(bias, "bias", (units,), meaning)
@@ -80,7 +75,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 def _(input, weight, bias, activation, sigma, negative_slope, alpha, reduction):
     _check_activation(activation, sigma)
     _check_reduction(reduction)
-    _check_floating(input, "input")
+    check_floating(input, "input")
     torch._check(input.dim() >= 1, lambda: "input must have shape (..., in_features), got a scalar")
     torch._check(weight.dim() == 2, lambda: (
         f"weight must have shape (out_features, in_features), got {list(weight.shape)}"))
@@ -104,7 +99,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, activation, sigma,
       alpha, reduction):
     _check_activation(activation, sigma)
     _check_reduction(reduction)
-    _check_floating(input, "input")
+    check_floating(input, "input")
     torch._check(weight.dim() in (3, 4), lambda: (
         "weight must have shape (out_channels, in_channels/groups, *kernel) with 1 or 2 spatial "
         f"dims, got {list(weight.shape)}"))
@@ -129,7 +124,7 @@ def _(input, weight, bias, stride, padding, dilation, groups, activation, sigma,
 
 
 def _check_z_s(z, s):
-    _check_floating(z, "z")
+    check_floating(z, "z")
     torch._check(z.dim() >= 1,
                  lambda: "z must have a batch dimension (batch, *features), got a scalar")
     check_like(s, "s", z, "z")
@@ -150,7 +145,7 @@ def _(z, s, activation, sigma, negative_slope, alpha):
 @torch.library.register_fake("mapopt_native::activation_with_hessian_norm_bwd")
 def _(grad_output, z, activation, negative_slope, alpha):
     _check_activation_name(activation)
-    _check_floating(z, "z")
+    check_floating(z, "z")
     check_shape(grad_output, "grad_output", z.shape, "z.shape")
     check_like(grad_output, "grad_output", z, "z")
     return z.new_empty(z.shape)

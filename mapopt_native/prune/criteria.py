@@ -73,6 +73,16 @@ def _activation_options(group: UnitGroup, sigma) -> dict:
     return dict(activation=act.name, sigma=sigma, **act.options)
 
 
+def activation_site_term(group: UnitGroup, z: Tensor, s: Tensor, sigma) -> tuple:
+    """At the group's activation, in one fused pass over its input z: (φ(z), the per-unit sum of
+    the Hessian-norm term over the samples, the number of samples). A Linear's leading dims are
+    all samples; a convolution's positions are summed into their channel."""
+    rows = z.reshape(-1, z.shape[-1]) if isinstance(group.module, nn.Linear) else z
+    acc = rows.new_zeros(rows.shape[1:])
+    y = ops.activation_with_hessian_norm(rows, s, acc, **_activation_options(group, sigma))
+    return y.reshape(z.shape), acc.reshape(acc.shape[0], -1).sum(1), rows.shape[0]
+
+
 def _hessian_norm_watchers(group: UnitGroup, node_names: dict, sums: dict, sigma, probes,
                            exact, max_rows, generator):
     """What to capture for one group during the forward pass, and how it adds to sums[name]
@@ -104,10 +114,7 @@ def _hessian_norm_watchers(group: UnitGroup, node_names: dict, sums: dict, sigma
             shape["input"] = x.shape
 
         def on_pre_activation(z):
-            s = curvature_scale(group, shape["input"])
-            acc = z.new_zeros(z.shape[1:])
-            ops.activation_with_hessian_norm(z.detach(), s, acc, **_activation_options(group, sigma))
-            add(acc.reshape(acc.shape[0], -1).sum(1), z.shape[0])
+            add(*activation_site_term(group, z, curvature_scale(group, shape["input"]), sigma)[1:])
         return {node_names[m]: [on_producer_input],
                 group.activation.site.name: [on_pre_activation]}
 

@@ -21,10 +21,9 @@ def finetune(model: nn.Module, data: Iterable, loss: Callable, epochs: int = 1, 
     each epoch (a list or a DataLoader, not a generator). Returns the mean loss of each epoch.
 
     Without a teacher the objective is loss(model(input), target). With one (the unpruned model:
-    run in eval mode under no_grad, never updated) it is
-    mapopt_native.distill.kd_loss(output, teacher(input), target, alpha, distance=distance,
-    temperature=temperature) = (1 - alpha) CE + alpha D (MATH.md §3), a classification objective:
-    `loss` is then unused.
+    run in eval mode under no_grad, never updated) training is mapopt_native.distill.Distiller's:
+    kd_loss(output, teacher(input), target, alpha, distance=distance, temperature=temperature) =
+    (1 - alpha) CE + alpha D (MATH.md §3), a classification objective: `loss` is then unused.
 
     optimizer: default Adam(model.parameters(), lr). It must hold the model's current parameters:
     one built before prune_units holds the removed ones. device: where model, teacher and batches
@@ -42,22 +41,16 @@ def finetune(model: nn.Module, data: Iterable, loss: Callable, epochs: int = 1, 
         if any(id(p) not in ids for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("optimizer holds parameters that are not the model's (built before "
                              "pruning?): build it after prune_units, or pass optimizer=None")
-    if teacher is None:
-        def objective(output, target, input):
-            return loss(output, target)
-    else:
+    if teacher is not None:
         if teacher is model:
             raise ValueError("teacher must be another model (the unpruned copy), not `model`")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        from ..distill import kd_loss  # another capability: loaded only when distilling
-        teacher.to(device).eval()
-
-        def objective(output, target, input):
-            with torch.no_grad():
-                teacher_output = teacher(input)
-            return kd_loss(output, teacher_output, target, alpha, distance=distance,
-                           temperature=temperature)
+        from ..distill import Distiller  # another capability: loaded only when distilling
+        distiller = Distiller(teacher, model, alpha=alpha, distance=distance,
+                              temperature=temperature)
+        return distiller.fit(data, epochs, optimizer, device=device, amp=False,
+                             progress=progress)["loss"]
 
     model.train()
     history = []
@@ -66,8 +59,7 @@ def finetune(model: nn.Module, data: Iterable, loss: Callable, epochs: int = 1, 
         bar = tqdm(data, desc=f"finetune {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for input, target in bar:
             input, target = _to(input, device), _to(target, device)
-            output = model(input)
-            value = objective(output, target, input)
+            value = loss(model(input), target)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

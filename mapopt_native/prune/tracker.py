@@ -8,8 +8,8 @@ Training or evaluation, the model computes what it computed before."""
 import torch
 from torch import Tensor, fx, nn
 
-from ..ops import hessian_norm as ops
-from .criteria import accumulate, curvature_scale, mean_over_ranks, scored_groups
+from .criteria import (accumulate, activation_site_term, curvature_scale, mean_over_ranks,
+                       scored_groups)
 from .graph import RECURRENT, UnitGroup, trace
 
 _PIECEWISE_LINEAR = ("relu", "leaky_relu", "identity")
@@ -28,12 +28,9 @@ class _TrackedActivation(nn.Module):
         tracker = self.tracker[0]
         out = None
         for group in self.groups:
-            rows = z.reshape(-1, z.shape[-1]) if isinstance(group.module, nn.Linear) else z
-            s = tracker._scale(group)
-            acc = rows.new_zeros(rows.shape[1:])
-            y = ops.activation_with_hessian_norm(rows, s, acc, **tracker._options(group))
-            out = y.reshape(z.shape) if out is None else out
-            tracker._add(group, acc.reshape(acc.shape[0], -1).sum(1), rows.shape[0])
+            y, total, count = activation_site_term(group, z, tracker._scale(group), tracker.sigma)
+            out = y if out is None else out
+            accumulate(tracker._sums, group.name, total, count)
         return out
 
 
@@ -104,9 +101,6 @@ class ImportanceTracker:
         gm.recompile()
         return gm
 
-    def _options(self, group: UnitGroup) -> dict:
-        return dict(activation=group.activation.name, sigma=self.sigma, **group.activation.options)
-
     def _scale(self, group: UnitGroup) -> Tensor:
         """s of the group for the current weights, recomputed only when they changed."""
         params = [p for p in (group.module.weight, group.batch_norm and group.batch_norm.weight,
@@ -118,9 +112,6 @@ class ImportanceTracker:
                 cached = (key, curvature_scale(group, self._input_shapes.get(group.name)))
             self._scales[group.name] = cached
         return cached[1]
-
-    def _add(self, group: UnitGroup, total: Tensor, count: int) -> None:
-        accumulate(self._sums, group.name, total, count)
 
     def reset(self) -> None:
         self._sums: dict[str, list] = {}
