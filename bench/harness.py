@@ -12,6 +12,11 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# float32 means float32 for every candidate: cuDNN's RNNs (and convolutions) default to TF32 tensor
+# cores while cuBLAS matrix products default to full float32, which would compare unlike math.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def _sync():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -73,6 +78,7 @@ def machine(device="cpu"):
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        info["tf32"] = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
     return info
 
 

@@ -1,12 +1,15 @@
 // The distillation ops (MATH.md §3), written once for every device on top of a kernel backend K
 // (csrc/cpu/distill.cpp, csrc/cuda/distill.cu), with their input checks. K provides:
 //   kd_loss_fwd_rows(student, teacher, target, distance, alpha, T, ignore_index, loss, stats):
-//     per-row losses (N,) and row statistics (N, kKdRowStats) in the accumulation dtype;
+//     per-row losses (N,) and row statistics (N, kKdRowStats);
 //   kd_loss_bwd_rows(grad_loss, student, teacher, target, stats, distance, alpha, T,
 //     ignore_index, grad): the (N, C) gradient w.r.t. the student, grad_loss[b] · ∂L_b/∂s_b;
 //   mapping_distance_fwd(students, teachers, out) and mapping_distance_bwd(grad, students,
 //     teachers, grads): every pair in one pass / launch.
-// Inputs reach K contiguous; `target` may be undefined (no CE term).
+// Inputs reach K contiguous; `target` may be undefined (no CE term). Loss and distance values
+// (and their incoming gradients) are in the accumulation dtype, float32 for 16-bit inputs: a sum
+// of squares over a feature map leaves float16's range (65504) easily, which is why autocast runs
+// torch's own losses in float32. Gradients w.r.t. the inputs keep the inputs' dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +32,16 @@ inline Distance parse_distance(std::string_view name) {
     if (name == kDistanceNames[i]) return static_cast<Distance>(i);
   }
   TORCH_CHECK_VALUE(false, "distance must be 'l2' or 'kl', got '", std::string(name), "'");
+}
+
+// A loss value's incoming gradient: the accumulation dtype of `like`, on its device.
+inline void check_accumulation(const at::Tensor& grad, const char* name, const at::Tensor& like,
+                               const char* like_name) {
+  const at::ScalarType acc = at::toOpMathType(like.scalar_type());
+  TORCH_CHECK_TYPE(grad.scalar_type() == acc, name, " must have dtype ", acc, " (the loss's: ",
+                   like_name, " has dtype ", like.scalar_type(), "), got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == like.device(), name, " is on ", grad.device(), " but ", like_name,
+              " is on ", like.device());
 }
 
 inline Distance check_kd_inputs(const at::Tensor& student, const at::Tensor& teacher,
@@ -66,9 +79,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student,
   const c10::DeviceGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const at::Tensor y = target ? target->contiguous() : at::Tensor();
-  at::Tensor loss = at::empty({s.size(0)}, s.options());
-  at::Tensor stats = at::empty({s.size(0), kKdRowStats},
-                               s.options().dtype(at::toOpMathType(s.scalar_type())));
+  const auto acc = s.options().dtype(at::toOpMathType(s.scalar_type()));
+  at::Tensor loss = at::empty({s.size(0)}, acc);
+  at::Tensor stats = at::empty({s.size(0), kKdRowStats}, acc);
   K::kd_loss_fwd_rows(s, t, y, d, alpha, temperature, ignore_index, loss, stats);
   return {loss, stats};
 }
@@ -82,7 +95,7 @@ at::Tensor kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
   const int64_t N = student.size(0);
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N,
                     "grad_loss must have shape (N,) = (", N, ",), got ", grad_loss.sizes());
-  check_like(grad_loss, "grad_loss", student, "student logits");
+  check_accumulation(grad_loss, "grad_loss", student, "student logits");
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == N &&
                         row_stats.size(1) == kKdRowStats,
                     "row_stats must have shape (N, ", kKdRowStats, ") = (", N, ", ", kKdRowStats,
@@ -135,7 +148,9 @@ template <class K>
 at::Tensor mapping_distance_fwd(at::TensorList students, at::TensorList teachers) {
   check_pairs(students, teachers);
   const c10::DeviceGuard guard(students[0].device());
-  at::Tensor out = at::empty({static_cast<int64_t>(students.size())}, students[0].options());
+  at::Tensor out = at::empty({static_cast<int64_t>(students.size())},
+                             students[0].options().dtype(at::toOpMathType(
+                                 students[0].scalar_type())));
   K::mapping_distance_fwd(contiguous_all(students), contiguous_all(teachers), out);
   return out;
 }
@@ -147,7 +162,7 @@ std::vector<at::Tensor> mapping_distance_bwd(const at::Tensor& grad_distances,
   const int64_t P = static_cast<int64_t>(students.size());
   TORCH_CHECK_VALUE(grad_distances.dim() == 1 && grad_distances.size(0) == P,
                     "grad_distances must have shape (", P, ",), got ", grad_distances.sizes());
-  check_like(grad_distances, "grad_distances", students[0], "students[0]");
+  check_accumulation(grad_distances, "grad_distances", students[0], "students[0]");
   const c10::DeviceGuard guard(students[0].device());
   std::vector<at::Tensor> grads;
   grads.reserve(P);

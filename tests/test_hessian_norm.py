@@ -542,7 +542,7 @@ def test_cuda_matches_cpu(dtype, activation):
     assert_close(got.cpu().double(), expected, dtype=dtype, scale=scale)
     z = (2 * torch.randn(70, 5, 33)).to(dtype)
     s = (torch.rand(5, 1) + 0.1).to(dtype)
-    acc = torch.zeros(5, 33, device="cuda")
+    acc = torch.zeros(5, 33, device="cuda", dtype=torch.promote_types(dtype, torch.float32))
     zg = z.cuda().requires_grad_()
     out = activation_with_hessian_norm(zg, s.cuda(), acc, activation, sigma=sigma, **CONST)
     expected_out, expected_term = reference.activation_with_hessian_norm(

@@ -84,7 +84,7 @@ void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, 
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   const scalar_t* tp = t.const_data_ptr<scalar_t>();
   const int64_t* yp = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
-  scalar_t* lp = loss.data_ptr<scalar_t>();
+  acc_t* lp = loss.data_ptr<acc_t>();
   acc_t* stp = stats.data_ptr<acc_t>();
 
   at::parallel_for(0, N, std::max<int64_t>(1, kRowGrain / C), [&](int64_t r0, int64_t r1) {
@@ -93,7 +93,7 @@ void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, 
       const scalar_t* tb = tp + b * C;
       acc_t* stb = stp + b * kKdRowStats;
       if (yp && yp[b] == ignore_index) {  // MATH.md §3: no loss, no gradient, not counted
-        lp[b] = scalar_t(0);
+        lp[b] = acc_t(0);
         std::fill_n(stb, kKdRowStats, acc_t(0));
         continue;
       }
@@ -134,7 +134,7 @@ void kd_rows_bwd(const at::Tensor& grad_loss, const at::Tensor& s, const at::Ten
   const int64_t N = s.size(0), C = s.size(1);
   const int64_t body = C - C % W;
   const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
-  const scalar_t* gl = grad_loss.const_data_ptr<scalar_t>();
+  const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
   const scalar_t* tp = t.const_data_ptr<scalar_t>();
   const int64_t* yp = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
@@ -214,7 +214,7 @@ struct CpuDistillKernels {
   static void mapping_distance_fwd(const std::vector<at::Tensor>& students,
                                    const std::vector<at::Tensor>& teachers, const at::Tensor& out) {
     const std::vector<Chunk> chunks = chunk_table(students);
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "mapopt_native mapping_distance", [&] {
+    AT_DISPATCH_FLOATING_TYPES(students[0].scalar_type(), "mapopt_native mapping_distance", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       using V = Vectorized<scalar_t>;
       constexpr int64_t W = V::size();
@@ -238,7 +238,7 @@ struct CpuDistillKernels {
       // Per pair, in chunk order: the same sum whatever the thread count.
       std::vector<acc_t> sums(students.size(), acc_t(0));
       for (size_t c = 0; c < chunks.size(); ++c) sums[chunks[c].pair] += partial[c];
-      scalar_t* op = out.data_ptr<scalar_t>();
+      acc_t* op = out.data_ptr<acc_t>();
       for (size_t j = 0; j < students.size(); ++j) {
         op[j] = sums[j] * static_cast<acc_t>(inv_batch(students[j]));
       }
@@ -250,10 +250,11 @@ struct CpuDistillKernels {
                                    const std::vector<at::Tensor>& teachers,
                                    const std::vector<at::Tensor>& grads) {
     const std::vector<Chunk> chunks = chunk_table(students);
-    AT_DISPATCH_FLOATING_TYPES(grad_distances.scalar_type(), "mapopt_native mapping_distance", [&] {
+    AT_DISPATCH_FLOATING_TYPES(students[0].scalar_type(), "mapopt_native mapping_distance", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       using V = Vectorized<scalar_t>;
       constexpr int64_t W = V::size();
-      const scalar_t* gd = grad_distances.const_data_ptr<scalar_t>();
+      const acc_t* gd = grad_distances.const_data_ptr<acc_t>();
       at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const Chunk& ch = chunks[c];
@@ -261,7 +262,7 @@ struct CpuDistillKernels {
           const scalar_t* tp = teachers[ch.pair].const_data_ptr<scalar_t>();
           scalar_t* gp = grads[ch.pair].data_ptr<scalar_t>();
           // ∂D_j/∂s = 2 (s - t) / B_j (MATH.md §3), times the incoming gradient of D_j.
-          const V scale(static_cast<scalar_t>(2 * inv_batch(students[ch.pair])) * gd[ch.pair]);
+          const V scale(static_cast<scalar_t>(2 * inv_batch(students[ch.pair]) * gd[ch.pair]));
           for (int64_t e = ch.begin; e < ch.end; e += W) {
             const int64_t n = std::min(W, ch.end - e);
             store(scale * (load(sp + e, n) - load(tp + e, n)), gp + e, n);

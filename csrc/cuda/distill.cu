@@ -47,7 +47,7 @@ template <class scalar_t>
 __global__ void kd_fwd_kernel(int64_t C, const scalar_t* __restrict__ s,
                               const scalar_t* __restrict__ t, const int64_t* __restrict__ y,
                               int64_t ignore_index, KdParams<at::opmath_type<scalar_t>> k,
-                              scalar_t* __restrict__ loss,
+                              at::opmath_type<scalar_t>* __restrict__ loss,
                               at::opmath_type<scalar_t>* __restrict__ stats) {
   using acc_t = at::opmath_type<scalar_t>;
   using M = DistillScalarMath;
@@ -62,7 +62,7 @@ __global__ void kd_fwd_kernel(int64_t C, const scalar_t* __restrict__ s,
   const int64_t yb = y ? y[b] : -1;
   if (y && yb == ignore_index) {  // MATH.md §3: no loss, no gradient, not counted
     if (threadIdx.x < kKdRowStats) stb[threadIdx.x] = acc_t(0);
-    if (threadIdx.x == 0) loss[b] = scalar_t(0);
+    if (threadIdx.x == 0) loss[b] = acc_t(0);
     return;
   }
   State st;
@@ -95,7 +95,8 @@ __global__ void kd_fwd_kernel(int64_t C, const scalar_t* __restrict__ s,
 }
 
 template <class scalar_t>
-__global__ void kd_bwd_kernel(int64_t n, int64_t C, const scalar_t* __restrict__ grad_loss,
+__global__ void kd_bwd_kernel(int64_t n, int64_t C,
+                              const at::opmath_type<scalar_t>* __restrict__ grad_loss,
                               const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
                               const int64_t* __restrict__ y, int64_t ignore_index,
                               const at::opmath_type<scalar_t>* __restrict__ stats,
@@ -115,7 +116,7 @@ __global__ void kd_bwd_kernel(int64_t n, int64_t C, const scalar_t* __restrict__
                                                 static_cast<acc_t>(t[e]), r, k);
     if (k.ce && j == yb) g -= k.ce_weight;  // the one-hot term of the CE gradient
     const bool bad = k.ce && bad_target(yb, C);
-    grad[e] = bad ? static_cast<acc_t>(NAN) : static_cast<acc_t>(grad_loss[b]) * g;
+    grad[e] = bad ? static_cast<acc_t>(NAN) : grad_loss[b] * g;
   }
 }
 
@@ -175,14 +176,13 @@ __global__ void mapping_distance_fwd_kernel(const DeviceChunk* __restrict__ chun
 
 template <class scalar_t, class acc_t>
 __global__ void mapping_distance_bwd_kernel(const DeviceChunk* __restrict__ chunks,
-                                            const scalar_t* __restrict__ grad_distances) {
+                                            const acc_t* __restrict__ grad_distances) {
   const DeviceChunk ch = chunks[blockIdx.x];
   const scalar_t* s = static_cast<const scalar_t*>(ch.s);
   const scalar_t* t = static_cast<const scalar_t*>(ch.t);
   scalar_t* g = static_cast<scalar_t*>(ch.g);
   // ∂D_j/∂s = 2 (s - t) / B_j (MATH.md §3), times the incoming gradient of D_j.
-  const acc_t scale = static_cast<acc_t>(2 * ch.inv_batch) *
-                      static_cast<acc_t>(grad_distances[ch.pair]);
+  const acc_t scale = static_cast<acc_t>(2 * ch.inv_batch) * grad_distances[ch.pair];
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += blockDim.x) {
     g[e] = scale * (static_cast<acc_t>(s[e]) - static_cast<acc_t>(t[e]));
   }
@@ -207,7 +207,7 @@ struct CudaDistillKernels {
                                 at::cuda::getCurrentCUDAStream()>>>(
           C, s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
           y.defined() ? y.const_data_ptr<int64_t>() : nullptr, ignore_index, k,
-          loss.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
+          loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -228,7 +228,7 @@ struct CudaDistillKernels {
                                                max_blocks);
       kd_bwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
                                 at::cuda::getCurrentCUDAStream()>>>(
-          n, s.size(1), grad_loss.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+          n, s.size(1), grad_loss.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(),
           t.const_data_ptr<scalar_t>(), y.defined() ? y.const_data_ptr<int64_t>() : nullptr,
           ignore_index, stats.const_data_ptr<acc_t>(), k, grad.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,19 +239,16 @@ struct CudaDistillKernels {
                                    const std::vector<at::Tensor>& teachers, const at::Tensor& out) {
     int64_t count = 0;
     const at::Tensor table = chunk_table(students, teachers, nullptr, count);
-    dispatch(out, [&](auto tag) {
+    out.zero_();  // the chunks' partial sums are added to it
+    if (count == 0) return;
+    dispatch(students[0], [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
-      at::Tensor sums =
-          at::zeros(out.sizes(), out.options().dtype(at::toOpMathType(out.scalar_type())));
-      if (count > 0) {
-        mapping_distance_fwd_kernel<scalar_t, acc_t>
-            <<<static_cast<unsigned>(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
-                sums.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      out.copy_(sums);
+      mapping_distance_fwd_kernel<scalar_t, acc_t>
+          <<<static_cast<unsigned>(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
+              out.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
@@ -262,13 +259,13 @@ struct CudaDistillKernels {
     int64_t count = 0;
     const at::Tensor table = chunk_table(students, teachers, &grads, count);
     if (count == 0) return;
-    dispatch(grad_distances, [&](auto tag) {
+    dispatch(students[0], [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       mapping_distance_bwd_kernel<scalar_t, acc_t>
           <<<static_cast<unsigned>(count), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               reinterpret_cast<const DeviceChunk*>(table.const_data_ptr()),
-              grad_distances.const_data_ptr<scalar_t>());
+              grad_distances.const_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -47,16 +47,28 @@ def _check_kd(student, teacher, target, alpha, distance, temperature):
             f"{list(student.shape)}, got {list(target.shape)}"))
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of the kernels (at::opmath_type): float32 for 16-bit inputs."""
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels (at::opmath_type): float32 for 16-bit inputs. Loss
+    and distance values come out in it (a sum of squares leaves float16's range easily)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_accumulation(grad, name, like, like_name):
+    """The fake-kernel mirror of check_accumulation in csrc/distill.h."""
+    acc = _acc_dtype(like.dtype)
+    torch._check(grad.dtype == acc, lambda: (
+        f"{name} must have dtype {acc} (the loss's: {like_name} has dtype {like.dtype}), got "
+        f"{grad.dtype}"))
+    torch._check(grad.device == like.device,
+                 lambda: f"{name} is on {grad.device} but {like_name} is on {like.device}")
 
 
 @torch.library.register_fake("mapopt_native::kd_loss_fwd")
 def _(student, teacher, target, alpha, distance, temperature, ignore_index):
     _check_kd(student, teacher, target, alpha, distance, temperature)
     N = student.shape[0]
-    return student.new_empty((N,)), student.new_empty((N, 3), dtype=_stats_dtype(student.dtype))
+    acc = _acc_dtype(student.dtype)
+    return student.new_empty((N,), dtype=acc), student.new_empty((N, 3), dtype=acc)
 
 
 @torch.library.register_fake("mapopt_native::kd_loss_bwd")
@@ -67,8 +79,9 @@ def _(grad_loss, student, teacher, target, row_stats, alpha, distance, temperatu
                  lambda: f"grad_loss must have shape (N,) = ({N},), got {list(grad_loss.shape)}")
     torch._check(row_stats.shape == (N, 3), lambda: (
         f"row_stats must have shape (N, 3) = ({N}, 3), got {list(row_stats.shape)}"))
-    torch._check(row_stats.dtype == _stats_dtype(student.dtype), lambda: (
-        f"row_stats must have dtype {_stats_dtype(student.dtype)} (kd_loss_fwd's), got "
+    _check_accumulation(grad_loss, "grad_loss", student, "student logits")
+    torch._check(row_stats.dtype == _acc_dtype(student.dtype), lambda: (
+        f"row_stats must have dtype {_acc_dtype(student.dtype)} (kd_loss_fwd's), got "
         f"{row_stats.dtype}"))
     return student.new_empty(student.shape)
 
@@ -110,7 +123,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     Note that "l2" with "mean" is C × F.mse_loss(s, t) (the squared norm is summed over the C
     features of a sample, MSE averages over them too).
 
-    The teacher receives no gradient. The forward reads the logits once (online softmax) and
+    float16 / bfloat16 logits give a float32 loss (as autocast runs torch's losses in float32);
+    the gradient has the logits' dtype. The teacher receives no gradient. The forward reads the logits once (online softmax) and
     keeps 3 numbers per sample; the backward reads them once more and writes the gradient, the
     only logits-size buffer either allocates."""
     _check_reduction(reduction)
@@ -164,12 +178,13 @@ def _check_pairs(students, teachers):
 @torch.library.register_fake("mapopt_native::mapping_distance_fwd")
 def _(students, teachers):
     _check_pairs(students, teachers)
-    return students[0].new_empty((len(students),))
+    return students[0].new_empty((len(students),), dtype=_acc_dtype(students[0].dtype))
 
 
 @torch.library.register_fake("mapopt_native::mapping_distance_bwd")
 def _(grad_distances, students, teachers):
     _check_pairs(students, teachers)
+    _check_accumulation(grad_distances, "grad_distances", students[0], "students[0]")
     return [s.new_empty(s.shape) for s in students]
 
 
@@ -184,8 +199,9 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     MATH.md §3: D_j = (1/B_j) Σ_b ‖s_j[b] - t_j[b]‖², the norm over every non-batch element.
 
     students[j] and teachers[j] share one shape (B_j, ...); pairs may differ in shape, and all
-    tensors share one dtype and device. A pair with B_j = 0 gives D_j = 0. The teachers receive no
-    gradient. weights: one per pair (default 1). reduction: "none" returns the vector (D_j)
+    tensors share one dtype and device; float16 / bfloat16 pairs give float32 distances (a sum of
+    squares over a feature map leaves float16's range easily), gradients in the pairs' dtype. A
+    pair with B_j = 0 gives D_j = 0. The teachers receive no gradient. weights: one per pair (default 1). reduction: "none" returns the vector (D_j)
     (weights applied), "sum" Σ_j w_j D_j, "mean" Σ_j w_j D_j / number of pairs."""
     _check_reduction(reduction)
     students, teachers = list(students), list(teachers)
