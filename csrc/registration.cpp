@@ -1,5 +1,6 @@
 // Every op schema of mapopt_native, in one place. Kernels are registered per dispatch key in
-// cpu/*.cpp and cuda/*.cu; autograd formulas and fake (shape) kernels in mapopt_native/ops/.
+// cpu/*.cpp and cuda/*.cu; autograd formulas in mapopt_native/ops/ (Python) or csrc/autograd/ (C++,
+// where the per-call cost of a Python formula mattered), fake (shape) kernels in mapopt_native/ops/.
 // Forward ops return what their backward needs as extra outputs (DESIGN.md, "Op shape").
 #include <torch/library.h>
 

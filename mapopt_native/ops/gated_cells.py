@@ -85,26 +85,8 @@ def _(grad_hy, input, hx, weight_ih, weight_hh, workspace, gate, has_bias, outpu
     return fake_grads(3, input, (hx,), weight_ih, weight_hh, has_bias, output_mask)
 
 
-def _gru_setup_context(ctx, inputs, output):
-    input, hx, weight_ih, weight_hh, bias_ih, _, gate = inputs
-    _, workspace = output
-    ctx.save_for_backward(input, hx, weight_ih, weight_hh, workspace)
-    ctx.gate = gate
-    ctx.has_bias = bias_ih is not None
-    ctx.mark_non_differentiable(workspace)
-
-
-def _gru_backward(ctx, grad_hy, _grad_workspace):
-    input, hx, weight_ih, weight_hh, workspace = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], any(need[2:6])]
-    grads = _ops.gated_gru_cell_bwd(grad_hy, input, hx, weight_ih, weight_hh, workspace,
-                                    ctx.gate, ctx.has_bias, mask)
-    return tuple(g if n else None for g, n in zip(grads, need[:6])) + (None,)
-
-
-torch.library.register_autograd("mapopt_native::gated_gru_cell_fwd", _gru_backward,
-                                setup_context=_gru_setup_context)
+# The cells' autograd kernels are in C++ (csrc/autograd/gated_cells.cpp): a cell runs once per
+# step of a Python loop, where a Python autograd formula cost more than the step's kernels.
 
 
 def gated_gru_cell(input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
@@ -129,31 +111,6 @@ def _(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace, gate
       output_mask):
     _check_cell(4, input, hx, cx, weight_ih, weight_hh, None, None, gate)
     return fake_grads(4, input, (hx, cx), weight_ih, weight_hh, has_bias, output_mask)
-
-
-def _lstm_setup_context(ctx, inputs, output):
-    input, hx, cx, weight_ih, weight_hh, bias_ih, _, gate = inputs
-    _, cy, workspace = output
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, cy, workspace)
-    ctx.gate = gate
-    ctx.has_bias = bias_ih is not None
-    ctx.mark_non_differentiable(workspace)
-    # An unused output (often c') then arrives as None, and the kernel reads it as zero without
-    # a zero-filled buffer.
-    ctx.set_materialize_grads(False)
-
-
-def _lstm_backward(ctx, grad_hy, grad_cy, _grad_workspace):
-    input, hx, cx, weight_ih, weight_hh, cy, workspace = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2], any(need[3:7])]
-    grads = _ops.gated_lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy,
-                                     workspace, ctx.gate, ctx.has_bias, mask)
-    return tuple(g if n else None for g, n in zip(grads, need[:7])) + (None,)
-
-
-torch.library.register_autograd("mapopt_native::gated_lstm_cell_fwd", _lstm_backward,
-                                setup_context=_lstm_setup_context)
 
 
 def gated_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
