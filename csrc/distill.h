@@ -5,7 +5,9 @@
 //   kd_loss_bwd_rows(grad_loss, student, teacher, target, stats, distance, alpha, T,
 //     ignore_index, grad): the (N, C) gradient w.r.t. the student, grad_loss[b] · ∂L_b/∂s_b;
 //   mapping_distance_fwd(students, teachers, out) and mapping_distance_bwd(grad, students,
-//     teachers, grads): every pair in one pass / launch.
+//     teachers, grads): every pair in one pass / launch;
+//   mapping_distance_fwd_grad(students, teachers, coefficients, out, grads): both, the gradient
+//     scaled by coefficients (in one pass on the CPU).
 // Inputs reach K contiguous; `target` may be undefined (no CE term). Loss and distance values
 // (and their incoming gradients) are in the accumulation dtype, float32 for 16-bit inputs: a sum
 // of squares over a feature map leaves float16's range (65504) easily, which is why autocast runs
@@ -153,6 +155,38 @@ at::Tensor mapping_distance_fwd(at::TensorList students, at::TensorList teachers
                                  students[0].scalar_type())));
   K::mapping_distance_fwd(contiguous_all(students), contiguous_all(teachers), out);
   return out;
+}
+
+inline void check_coefficients(const at::Tensor& coefficients, at::TensorList students) {
+  const int64_t P = static_cast<int64_t>(students.size());
+  TORCH_CHECK_VALUE(coefficients.dim() == 1 && coefficients.size(0) == P,
+                    "coefficients must have shape (", P, ",) (one per pair), got ",
+                    coefficients.sizes());
+  check_accumulation(coefficients, "coefficients", students[0], "students[0]");
+}
+
+template <class K>
+std::tuple<at::Tensor, std::vector<at::Tensor>> mapping_distance_fwd_grad(
+    at::TensorList students, at::TensorList teachers, const at::Tensor& coefficients) {
+  check_pairs(students, teachers);
+  check_coefficients(coefficients, students);
+  const c10::DeviceGuard guard(students[0].device());
+  at::Tensor out = at::empty({static_cast<int64_t>(students.size())}, coefficients.options());
+  std::vector<at::Tensor> grads;
+  grads.reserve(students.size());
+  for (const auto& s : students) grads.push_back(empty_large(s.sizes(), s.options()));
+  K::mapping_distance_fwd_grad(contiguous_all(students), contiguous_all(teachers),
+                               coefficients.contiguous(), out, grads);
+  return {out, grads};
+}
+
+// The backend kernel of mapping_distance_total: the path without gradients.
+template <class K>
+at::Tensor mapping_distance_total(at::TensorList students, at::TensorList teachers,
+                                  const at::Tensor& coefficients) {
+  check_pairs(students, teachers);
+  check_coefficients(coefficients, students);
+  return at::dot(mapping_distance_fwd<K>(students, teachers), coefficients);
 }
 
 template <class K>

@@ -101,4 +101,14 @@ TORCH_LIBRARY(mapopt_native, m) {
       "mapping_distance_bwd(Tensor grad_distances, Tensor[] students, Tensor[] teachers) -> "
       "Tensor[]",
       tags);
+  // Σ_j c_j D_j (a 0-dim tensor), the weighted sum / mean of mapping_distance; its autograd
+  // kernel computes c_j ∂D_j/∂s_j in the forward pass, with mapping_distance_fwd_grad.
+  m.def(
+      "mapping_distance_total(Tensor[] students, Tensor[] teachers, Tensor coefficients) -> "
+      "Tensor",
+      tags);
+  m.def(
+      "mapping_distance_fwd_grad(Tensor[] students, Tensor[] teachers, Tensor coefficients) -> "
+      "(Tensor distances, Tensor[] grads)",
+      tags);
 }

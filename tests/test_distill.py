@@ -300,6 +300,10 @@ def test_mapping_distance_gradcheck_and_opcheck():
     torch.library.opcheck(ops.mapping_distance_bwd, (torch.randn(3), [s.detach().float() for s
                                                                       in students],
                                                      [t.float() for t in teachers]))
+    pairs = ([s.float() for s in students], [t.float() for t in teachers], torch.rand(3))
+    torch.library.opcheck(ops.mapping_distance_total, pairs)
+    torch.library.opcheck(ops.mapping_distance_fwd_grad, ([s.detach() for s in pairs[0]],
+                                                          *pairs[1:]))
 
 
 def test_mapping_distance_compiled():
@@ -309,6 +313,54 @@ def test_mapping_distance_compiled():
                                                      reduction="sum"), fullgraph=True)
     expected = reference.mapping_distance(students, teachers, [1.0, 0.5, 2.0, 0.1], "sum")
     assert_close(fn(students, teachers), expected)
+
+
+def test_mapping_distance_compiled_training_step():
+    torch._dynamo.reset()
+    students, teachers = mixed_pairs(3)
+    ours = [s.clone().requires_grad_() for s in students]
+    ref = [s.clone().requires_grad_() for s in students]
+
+    def step(ss):
+        loss = 3.0 * mapping_distance(ss, teachers, weights=[1.0, 0.5, 2.0])
+        loss.backward()
+        return loss.detach()
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # backward() inside the graph
+        got = torch.compile(step, fullgraph=True)(ours)
+    expected = 3.0 * reference.mapping_distance(ref, teachers, [1.0, 0.5, 2.0], "mean")
+    expected.backward()
+    assert_close(got, expected.detach())
+    for a, b in zip(ours, ref):
+        assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mapping_distance_gradient_paths(reduction):
+    """The reduced op writes its gradient in the forward pass: handed over as is for an incoming
+    gradient of exactly 1, scaled otherwise, recomputed on a second backward, not written at all
+    without autograd."""
+    students, teachers = mixed_pairs(5)
+    weights = torch.rand(5).tolist()
+    ref = [s.clone().requires_grad_() for s in students]
+    expected = reference.mapping_distance(ref, teachers, weights, reduction)
+    (g_ref,) = [torch.autograd.grad(expected, ref)]
+    ss = [s.clone().requires_grad_() for s in students]
+    out = mapping_distance(ss, teachers, weights=weights, reduction=reduction)
+    assert_close(out, expected)
+    out.backward(retain_graph=True)  # exactly 1
+    first = [s.grad.clone() for s in ss]
+    out.backward(torch.tensor(2.5, dtype=out.dtype))  # second backward, from the saved pairs
+    for a, b, g in zip(first, ss, g_ref):
+        assert_close(a, g)
+        assert_close(b.grad, 3.5 * g)
+    ss = [s.clone().requires_grad_() for s in students]
+    (0.25 * mapping_distance(ss, teachers, weights=weights, reduction=reduction)).backward()
+    for a, g in zip(ss, g_ref):
+        assert_close(a.grad, 0.25 * g)
+    with torch.no_grad():
+        assert_close(mapping_distance(ss, teachers, weights=weights, reduction=reduction),
+                     expected.detach())
 
 
 # ---------------------------------------------------------------- bad input

@@ -213,22 +213,43 @@ struct CpuDistillKernels {
 
   static void mapping_distance_fwd(const std::vector<at::Tensor>& students,
                                    const std::vector<at::Tensor>& teachers, const at::Tensor& out) {
+    mapping_distance_fwd_grad(students, teachers, at::Tensor(), out, {});
+  }
+
+  // D_j into out and, when coefficients is defined, grads[j] = c_j ∂D_j/∂s_j in the same pass.
+  static void mapping_distance_fwd_grad(const std::vector<at::Tensor>& students,
+                                        const std::vector<at::Tensor>& teachers,
+                                        const at::Tensor& coefficients, const at::Tensor& out,
+                                        const std::vector<at::Tensor>& grads) {
     const std::vector<Chunk> chunks = chunk_table(students);
+    const bool with_grad = coefficients.defined();
     AT_DISPATCH_FLOATING_TYPES(students[0].scalar_type(), "mapopt_native mapping_distance", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       using V = Vectorized<scalar_t>;
       constexpr int64_t W = V::size();
       std::vector<acc_t> partial(chunks.size());
+      const acc_t* cp = with_grad ? coefficients.const_data_ptr<acc_t>() : nullptr;
       at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const Chunk& ch = chunks[c];
           const scalar_t* sp = students[ch.pair].const_data_ptr<scalar_t>();
           const scalar_t* tp = teachers[ch.pair].const_data_ptr<scalar_t>();
           V acc(0);
-          for (int64_t e = ch.begin; e < ch.end; e += W) {
-            const int64_t n = std::min(W, ch.end - e);
-            const V diff = load(sp + e, n) - load(tp + e, n);
-            acc = at::vec::fmadd(diff, diff, acc);
+          if (with_grad) {  // ∂D_j/∂s = 2 (s - t) / B_j (MATH.md §3), times c_j
+            scalar_t* gp = grads[ch.pair].data_ptr<scalar_t>();
+            const V scale(static_cast<scalar_t>(2 * inv_batch(students[ch.pair]) * cp[ch.pair]));
+            for (int64_t e = ch.begin; e < ch.end; e += W) {
+              const int64_t n = std::min(W, ch.end - e);
+              const V diff = load(sp + e, n) - load(tp + e, n);
+              acc = at::vec::fmadd(diff, diff, acc);
+              store(scale * diff, gp + e, n);
+            }
+          } else {
+            for (int64_t e = ch.begin; e < ch.end; e += W) {
+              const int64_t n = std::min(W, ch.end - e);
+              const V diff = load(sp + e, n) - load(tp + e, n);
+              acc = at::vec::fmadd(diff, diff, acc);
+            }
           }
           scalar_t lane_sums[W];
           acc.store(lane_sums);
@@ -282,4 +303,6 @@ TORCH_LIBRARY_IMPL(mapopt_native, CPU, m) {
   m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
   m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
   m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
+  m.impl("mapping_distance_fwd_grad", &mapopt::mapping_distance_fwd_grad<K>);
+  m.impl("mapping_distance_total", &mapopt::mapping_distance_total<K>);
 }

@@ -252,6 +252,15 @@ struct CudaDistillKernels {
     });
   }
 
+  // D_j into out and grads[j] = c_j ∂D_j/∂s_j: the forward and backward kernels in turn.
+  static void mapping_distance_fwd_grad(const std::vector<at::Tensor>& students,
+                                        const std::vector<at::Tensor>& teachers,
+                                        const at::Tensor& coefficients, const at::Tensor& out,
+                                        const std::vector<at::Tensor>& grads) {
+    mapping_distance_fwd(students, teachers, out);
+    mapping_distance_bwd(coefficients, students, teachers, grads);
+  }
+
   static void mapping_distance_bwd(const at::Tensor& grad_distances,
                                    const std::vector<at::Tensor>& students,
                                    const std::vector<at::Tensor>& teachers,
@@ -280,4 +289,6 @@ TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
   m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
   m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
   m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
+  m.impl("mapping_distance_fwd_grad", &mapopt::mapping_distance_fwd_grad<K>);
+  m.impl("mapping_distance_total", &mapopt::mapping_distance_total<K>);
 }

@@ -188,8 +188,31 @@ def _(grad_distances, students, teachers):
     return [s.new_empty(s.shape) for s in students]
 
 
-# mapping_distance_fwd's autograd kernel is in C++ (csrc/autograd/distill.cpp): for many small
-# pairs a Python autograd formula cost several times the kernels.
+def _check_coefficients(coefficients, students):
+    """The fake-kernel mirror of check_coefficients in csrc/distill.h."""
+    torch._check(coefficients.shape == (len(students),), lambda: (
+        f"coefficients must have shape ({len(students)},) (one per pair), got "
+        f"{list(coefficients.shape)}"))
+    _check_accumulation(coefficients, "coefficients", students[0], "students[0]")
+
+
+@torch.library.register_fake("mapopt_native::mapping_distance_total")
+def _(students, teachers, coefficients):
+    _check_pairs(students, teachers)
+    _check_coefficients(coefficients, students)
+    return coefficients.new_empty(())
+
+
+@torch.library.register_fake("mapopt_native::mapping_distance_fwd_grad")
+def _(students, teachers, coefficients):
+    _check_pairs(students, teachers)
+    _check_coefficients(coefficients, students)
+    return coefficients.new_empty((len(students),)), [s.new_empty(s.shape) for s in students]
+
+
+# The autograd kernels of mapping_distance_fwd and mapping_distance_total are in C++
+# (csrc/autograd/distill.cpp): for many small pairs a Python autograd formula cost several times
+# the kernels, and the total's forward writes the gradient in the same pass as the sums.
 
 
 def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
@@ -207,13 +230,20 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     students, teachers = list(students), list(teachers)
     if not students:  # the dispatcher needs a tensor to pick a kernel
         raise ValueError("students must hold at least one tensor")
-    d = _ops.mapping_distance_fwd(students, teachers)  # the autograd formula skips teachers
+    P = len(students)
+    dtype = _acc_dtype(students[0].dtype)
+    w = None
     if weights is not None:
-        w = torch.as_tensor(weights, dtype=d.dtype, device=d.device)
-        if w.shape != d.shape:
-            raise ValueError(f"weights must hold one weight per pair ({d.shape[0]}), got shape "
+        w = torch.as_tensor(weights, dtype=dtype, device=students[0].device)
+        if w.shape != (P,):
+            raise ValueError(f"weights must hold one weight per pair ({P}), got shape "
                              f"{list(w.shape)}")
-        d = d * w
-    if reduction == "none":
-        return d
-    return d.sum() if reduction == "sum" else d.sum() / d.shape[0]
+    if reduction == "none" or (w is not None and w.requires_grad):
+        d = _ops.mapping_distance_fwd(students, teachers)  # the autograd formula skips teachers
+        d = d if w is None else d * w
+        if reduction == "none":
+            return d
+        return d.sum() if reduction == "sum" else d.sum() / P
+    # Σ_j c_j D_j in one op, whose forward also writes the gradient (one pass over the pairs).
+    c = torch.ones(P, dtype=dtype, device=students[0].device) if w is None else w
+    return _ops.mapping_distance_total(students, teachers, c if reduction == "sum" else c / P)
