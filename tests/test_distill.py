@@ -440,6 +440,12 @@ def test_mapping_distance_bad_input_raises(make, match):
 def test_mapping_distance_bad_weights():
     with pytest.raises((ValueError, RuntimeError), match=r"weights must hold one weight per pair"):
         mapping_distance([torch.randn(2, 3)] * 2, [torch.randn(2, 3)] * 2, weights=[1.0])
+    pairs = ([torch.randn(2, 3)] * 2, [torch.randn(2, 3)] * 2)
+    with pytest.raises((ValueError, RuntimeError), match=r"coefficients must have shape \(2,\)"):
+        ops.mapping_distance_total(*pairs, torch.ones(3))
+    with pytest.raises((TypeError, RuntimeError), match=r"coefficients must have dtype (torch\.)?"
+                       r"[Ff]loat.*got (torch\.float64|Double)"):
+        ops.mapping_distance_fwd_grad(*pairs, torch.ones(2, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- CUDA against CPU
@@ -467,16 +473,17 @@ def test_kd_loss_cuda_matches_cpu(dtype, distance, C):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-def test_mapping_distance_cuda_matches_cpu(dtype):
+def test_mapping_distance_cuda_matches_cpu(dtype, reduction):
     students, teachers = mixed_pairs(50, torch.float64)
     students = [s.to(dtype) for s in students]
     teachers = [t.to(dtype) for t in teachers]
-    grad_out = torch.randn(50, dtype=torch.float64)
+    grad_out = torch.randn(50 if reduction == "none" else (), dtype=torch.float64)
 
     def run(ss, ts, g):
         ss = [s.clone().requires_grad_() for s in ss]
-        out = mapping_distance(ss, ts, reduction="none")
+        out = mapping_distance(ss, ts, reduction=reduction)
         (out * g).sum().backward()
         return out.detach(), [s.grad for s in ss]
 
