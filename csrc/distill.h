@@ -4,6 +4,8 @@
 //     per-row losses (N,) and row statistics (N, kKdRowStats);
 //   kd_loss_bwd_rows(grad_loss, student, teacher, target, stats, distance, alpha, T,
 //     ignore_index, grad): the (N, C) gradient w.r.t. the student, grad_loss[b] · ∂L_b/∂s_b;
+//   kd_loss_fwd_grad_rows(..., coefficient, loss, stats, grad): the forward rows and, in the
+//     same call, the gradient of every row scaled by the 0-dim `coefficient`;
 //   mapping_distance_fwd(students, teachers, out) and mapping_distance_bwd(grad, students,
 //     teachers, grads): every pair in one pass / launch;
 //   mapping_distance_fwd_grad(students, teachers, coefficients, out, grads): both, the gradient
@@ -112,6 +114,46 @@ at::Tensor kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
                       target ? target->contiguous() : at::Tensor(), row_stats.contiguous(), d,
                       alpha, temperature, ignore_index, grad);
   return grad;
+}
+
+// The 0-dim coefficient of a reduced loss: ∂total/∂L_b, the same for every row (1 for "sum",
+// 1/count for "mean").
+inline void check_coefficient(const at::Tensor& coefficient, const at::Tensor& student) {
+  TORCH_CHECK_VALUE(coefficient.dim() == 0, "coefficient must be 0-dim, got shape ",
+                    coefficient.sizes());
+  check_accumulation(coefficient, "coefficient", student, "student logits");
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_grad(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    double alpha, std::string_view distance, double temperature, int64_t ignore_index,
+    const at::Tensor& coefficient) {
+  const Distance d = check_kd_inputs(student, teacher, target, alpha, distance, temperature);
+  check_coefficient(coefficient, student);
+  const c10::DeviceGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const at::Tensor y = target ? target->contiguous() : at::Tensor();
+  const at::Tensor c = coefficient.contiguous();
+  const auto acc = s.options().dtype(at::toOpMathType(s.scalar_type()));
+  at::Tensor loss = at::empty({s.size(0)}, acc);
+  at::Tensor stats = at::empty({s.size(0), kKdRowStats}, acc);
+  at::Tensor grad = empty_large(s.sizes(), s.options());
+  K::kd_loss_fwd_grad_rows(s, t, y, d, alpha, temperature, ignore_index, c, loss, stats, grad);
+  return {loss.sum() * c, stats, grad};
+}
+
+// The backend kernel of kd_loss_total: the path without gradients.
+template <class K>
+at::Tensor kd_loss_total(const at::Tensor& student, const at::Tensor& teacher,
+                         const std::optional<at::Tensor>& target, double alpha,
+                         std::string_view distance, double temperature, int64_t ignore_index,
+                         const at::Tensor& coefficient) {
+  check_kd_inputs(student, teacher, target, alpha, distance, temperature);
+  check_coefficient(coefficient, student);
+  auto [loss, stats] =
+      kd_loss_fwd<K>(student, teacher, target, alpha, distance, temperature, ignore_index);
+  return loss.sum() * coefficient;
 }
 
 // Both lists non-empty and of one length; pair j: same shape, a batch dimension; every tensor of

@@ -95,6 +95,18 @@ TORCH_LIBRARY(mapopt_native, m) {
       "Tensor row_stats, float alpha, str distance, float temperature, int ignore_index) -> "
       "Tensor",
       tags);
+  // kd_loss_total: coefficient · Σ_b L_b (a 0-dim tensor; coefficient 0-dim: 1 for "sum",
+  // 1/count for "mean"). Its autograd kernel writes the gradient in the forward call, with
+  // kd_loss_fwd_grad (which also returns the row statistics, for a second backward).
+  m.def(
+      "kd_loss_total(Tensor student, Tensor teacher, Tensor? target, float alpha, str distance, "
+      "float temperature, int ignore_index, Tensor coefficient) -> Tensor",
+      tags);
+  m.def(
+      "kd_loss_fwd_grad(Tensor student, Tensor teacher, Tensor? target, float alpha, "
+      "str distance, float temperature, int ignore_index, Tensor coefficient) -> "
+      "(Tensor total, Tensor row_stats, Tensor grad)",
+      tags);
   // D_j = (1/B_j) Σ_b ‖s_b - t_b‖² for every pair (students[j], teachers[j]), in one pass.
   m.def("mapping_distance_fwd(Tensor[] students, Tensor[] teachers) -> Tensor", tags);
   m.def(

@@ -217,6 +217,45 @@ def test_kd_loss_opcheck():
             _, stats = ops.kd_loss_fwd(s, *args)
             torch.library.opcheck(ops.kd_loss_bwd, (torch.randn(6), s, t, target, stats,
                                                     *args[2:]))
+            c = torch.rand(())
+            torch.library.opcheck(ops.kd_loss_total, (s.clone().requires_grad_(), *args, c))
+            torch.library.opcheck(ops.kd_loss_fwd_grad, (s, *args, c))
+
+
+@pytest.mark.parametrize("distance", ["l2", "kl"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_kd_loss_gradient_paths(distance, reduction, with_target):
+    """The reduced loss writes its gradient in the forward call: handed over as is for an
+    incoming gradient of exactly 1, scaled otherwise, recomputed on a second backward, not
+    written at all without autograd."""
+    N, C = 9, 37
+    s, t = logits(N, C), logits(N, C)
+    y = targets(N, C, ignored=2) if with_target else None
+    kw = dict(distance=distance, temperature=1.5, reduction=reduction)
+    s_ref = s.clone().requires_grad_()
+    expected = reference.kd_loss(s_ref, t, y, 0.3, **kw)
+    (g_ref,) = torch.autograd.grad(expected, s_ref)
+    a = s.clone().requires_grad_()
+    out = kd_loss(a, t, y, 0.3, **kw)
+    assert_close(out, expected)
+    out.backward(retain_graph=True)  # exactly 1
+    assert_close(a.grad, g_ref)
+    out.backward(torch.tensor(2.5, dtype=out.dtype))  # second backward, from saved statistics
+    assert_close(a.grad, 3.5 * g_ref)
+    b = s.clone().requires_grad_()
+    (0.25 * kd_loss(b, t, y, 0.3, **kw)).backward()
+    assert_close(b.grad, 0.25 * g_ref)
+    with torch.no_grad():
+        assert_close(kd_loss(b, t, y, 0.3, **kw), expected.detach())
+
+
+def test_kd_loss_bad_coefficient():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    with pytest.raises((ValueError, RuntimeError), match=r"coefficient must be 0-dim"):
+        ops.kd_loss_total(s, t, None, 0.5, "l2", 1.0, -100, torch.ones(4))
+    with pytest.raises((TypeError, RuntimeError), match=r"coefficient must have dtype"):
+        ops.kd_loss_fwd_grad(s, t, None, 0.5, "l2", 1.0, -100, torch.ones((), dtype=torch.float64))
 
 
 def test_kd_loss_compiled_training_step():
@@ -455,12 +494,13 @@ def test_mapping_distance_bad_weights():
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("distance", ["l2", "kl"])
 @pytest.mark.parametrize("C", [7, 1000, 32001])
-def test_kd_loss_cuda_matches_cpu(dtype, distance, C):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_kd_loss_cuda_matches_cpu(dtype, distance, C, reduction):
     N = 33
     s, t, y = logits(N, C, torch.float64), logits(N, C, torch.float64), targets(N, C, ignored=3)
     s, t = s.to(dtype), t.to(dtype)  # the same rounded values on both devices
-    kw = dict(distance=distance, temperature=2.0, reduction="none")
-    grad_out = torch.randn(N, dtype=torch.float64)
+    kw = dict(distance=distance, temperature=2.0, reduction=reduction)
+    grad_out = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
     ref = loss_and_grad(lambda a, b: kd_loss(a, b, y, 0.4, **kw), s.double(), t.double(),
                         grad_out)
     acc = torch.float64 if dtype == torch.float64 else torch.float32

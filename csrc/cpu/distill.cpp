@@ -1,6 +1,7 @@
 // CPU kernels of the distillation ops (MATH.md §3) and their registration: kd_loss rows in
-// parallel (the forward reads each row once, the backward once more); mapping_distance over a
-// table of fixed-size chunks of every pair, in one parallel pass.
+// parallel (the forward reads each row once, the backward once more; the fused forward writes the
+// gradient row right after its totals, while the row is in cache); mapping_distance over a table
+// of fixed-size chunks of every pair, in one parallel pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -68,10 +69,34 @@ void check_targets(const at::Tensor& y, int64_t C, int64_t ignore_index) {
   }
 }
 
+// One row of the gradient, scale · ∂L_b/∂s_b, from the row's totals r.
+template <class scalar_t, class acc_t>
+void kd_row_grad(const scalar_t* sb, const scalar_t* tb, int64_t C, int64_t yb,
+                 const KdRowTotals<acc_t>& r, const KdParams<acc_t>& k, acc_t scale,
+                 scalar_t* gb) {
+  using V = Vectorized<scalar_t>;
+  using SM = DistillScalarMath;
+  constexpr int64_t W = V::size();
+  const int64_t body = C - C % W;
+  const V vscale(scale);
+  for (int64_t j = 0; j < body; j += W) {
+    (vscale * kd_grad<V, DistillVecMath>(V::loadu(sb + j), V::loadu(tb + j), r, k)).store(gb + j);
+  }
+  for (int64_t j = body; j < C; ++j) {
+    gb[j] = scale * kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]), r, k);
+  }
+  if (k.ce) {  // the one-hot term of the CE gradient
+    gb[yb] = scale * (kd_grad<acc_t, SM>(static_cast<acc_t>(sb[yb]), static_cast<acc_t>(tb[yb]),
+                                         r, k) - k.ce_weight);
+  }
+}
+
+// Row losses and statistics; with `grad` defined also the gradient, every row scaled by
+// `coefficient` (a 0-dim tensor), written right after the row's totals.
 template <class scalar_t>
 void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, Distance d,
                  double alpha, double temperature, int64_t ignore_index, const at::Tensor& loss,
-                 const at::Tensor& stats) {
+                 const at::Tensor& stats, const at::Tensor& coefficient, const at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<scalar_t>;
   using VM = DistillVecMath;
@@ -86,6 +111,8 @@ void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, 
   const int64_t* yp = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
   acc_t* lp = loss.data_ptr<acc_t>();
   acc_t* stp = stats.data_ptr<acc_t>();
+  scalar_t* gp = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
+  const acc_t coef = grad.defined() ? coefficient.item<acc_t>() : acc_t(0);
 
   at::parallel_for(0, N, std::max<int64_t>(1, kRowGrain / C), [&](int64_t r0, int64_t r1) {
     for (int64_t b = r0; b < r1; ++b) {
@@ -95,6 +122,7 @@ void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, 
       if (yp && yp[b] == ignore_index) {  // MATH.md §3: no loss, no gradient, not counted
         lp[b] = acc_t(0);
         std::fill_n(stb, kKdRowStats, acc_t(0));
+        if (gp) std::fill_n(gp + b * C, C, scalar_t(0));
         continue;
       }
       KdRowState<V, VM> vs;
@@ -118,6 +146,7 @@ void kd_rows_fwd(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, 
       const KdRowTotals<acc_t> r = kd_finish(st, k);
       lp[b] = r.loss - (k.ce ? k.ce_weight * static_cast<acc_t>(sb[yp[b]]) : acc_t(0));
       stb[0] = r.lse_s, stb[1] = r.lse_q, stb[2] = r.lse_p;
+      if (gp) kd_row_grad(sb, tb, C, yp ? yp[b] : -1, r, k, coef, gp + b * C);
     }
   });
 }
@@ -127,12 +156,7 @@ void kd_rows_bwd(const at::Tensor& grad_loss, const at::Tensor& s, const at::Ten
                  const at::Tensor& y, const at::Tensor& stats, Distance d, double alpha,
                  double temperature, int64_t ignore_index, const at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = Vectorized<scalar_t>;
-  using VM = DistillVecMath;
-  using SM = DistillScalarMath;
-  constexpr int64_t W = V::size();
   const int64_t N = s.size(0), C = s.size(1);
-  const int64_t body = C - C % W;
   const auto k = KdParams<acc_t>::make(d, y.defined(), alpha, temperature);
   const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
   const scalar_t* sp = s.const_data_ptr<scalar_t>();
@@ -152,20 +176,7 @@ void kd_rows_bwd(const at::Tensor& grad_loss, const at::Tensor& s, const at::Ten
       }
       const acc_t* stb = stp + b * kKdRowStats;
       const KdRowTotals<acc_t> r{stb[0], stb[1], stb[2], acc_t(0)};
-      const acc_t scale = static_cast<acc_t>(gl[b]);
-      const V vscale(scale);
-      for (int64_t j = 0; j < body; j += W) {
-        (vscale * kd_grad<V, VM>(V::loadu(sb + j), V::loadu(tb + j), r, k)).store(gb + j);
-      }
-      for (int64_t j = body; j < C; ++j) {
-        gb[j] = scale * kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]), static_cast<acc_t>(tb[j]),
-                                           r, k);
-      }
-      if (k.ce) {  // the one-hot term of the CE gradient
-        const int64_t j = yp[b];
-        gb[j] = scale * (kd_grad<acc_t, SM>(static_cast<acc_t>(sb[j]),
-                                            static_cast<acc_t>(tb[j]), r, k) - k.ce_weight);
-      }
+      kd_row_grad(sb, tb, C, yp ? yp[b] : -1, r, k, gl[b], gb);
     }
   });
 }
@@ -195,9 +206,19 @@ struct CpuDistillKernels {
                                Distance d, double alpha, double temperature,
                                int64_t ignore_index, const at::Tensor& loss,
                                const at::Tensor& stats) {
+    kd_loss_fwd_grad_rows(s, t, y, d, alpha, temperature, ignore_index, at::Tensor(), loss, stats,
+                          at::Tensor());
+  }
+
+  static void kd_loss_fwd_grad_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
+                                    Distance d, double alpha, double temperature,
+                                    int64_t ignore_index, const at::Tensor& coefficient,
+                                    const at::Tensor& loss, const at::Tensor& stats,
+                                    const at::Tensor& grad) {
     if (y.defined()) check_targets(y, s.size(1), ignore_index);
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mapopt_native kd_loss_fwd", [&] {
-      kd_rows_fwd<scalar_t>(s, t, y, d, alpha, temperature, ignore_index, loss, stats);
+      kd_rows_fwd<scalar_t>(s, t, y, d, alpha, temperature, ignore_index, loss, stats,
+                            coefficient, grad);
     });
   }
 
@@ -301,6 +322,8 @@ TORCH_LIBRARY_IMPL(mapopt_native, CPU, m) {
   using K = mapopt::cpu::CpuDistillKernels;
   m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
   m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
+  m.impl("kd_loss_fwd_grad", &mapopt::kd_loss_fwd_grad<K>);
+  m.impl("kd_loss_total", &mapopt::kd_loss_total<K>);
   m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
   m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
   m.impl("mapping_distance_fwd_grad", &mapopt::mapping_distance_fwd_grad<K>);

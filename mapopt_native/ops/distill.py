@@ -86,6 +86,33 @@ def _(grad_loss, student, teacher, target, row_stats, alpha, distance, temperatu
     return student.new_empty(student.shape)
 
 
+def _check_coefficient(coefficient, student):
+    """The fake-kernel mirror of check_coefficient in csrc/distill.h."""
+    torch._check(coefficient.dim() == 0,
+                 lambda: f"coefficient must be 0-dim, got shape {list(coefficient.shape)}")
+    _check_accumulation(coefficient, "coefficient", student, "student logits")
+
+
+@torch.library.register_fake("mapopt_native::kd_loss_total")
+def _(student, teacher, target, alpha, distance, temperature, ignore_index, coefficient):
+    _check_kd(student, teacher, target, alpha, distance, temperature)
+    _check_coefficient(coefficient, student)
+    return coefficient.new_empty(())
+
+
+@torch.library.register_fake("mapopt_native::kd_loss_fwd_grad")
+def _(student, teacher, target, alpha, distance, temperature, ignore_index, coefficient):
+    _check_kd(student, teacher, target, alpha, distance, temperature)
+    _check_coefficient(coefficient, student)
+    N = student.shape[0]
+    return (coefficient.new_empty(()), coefficient.new_empty((N, 3)),
+            student.new_empty(student.shape))
+
+
+# kd_loss_total's autograd kernel is in C++ (csrc/autograd/distill.cpp): its forward writes the
+# gradient too, handed over by the backward.
+
+
 def _kd_setup_context(ctx, inputs, output):
     student, teacher, target, alpha, distance, temperature, ignore_index = inputs
     _, row_stats = output
@@ -124,9 +151,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     features of a sample, MSE averages over them too).
 
     float16 / bfloat16 logits give a float32 loss (as autocast runs torch's losses in float32);
-    the gradient has the logits' dtype. The teacher receives no gradient. The forward reads the logits once (online softmax) and
-    keeps 3 numbers per sample; the backward reads them once more and writes the gradient, the
-    only logits-size buffer either allocates."""
+    the gradient has the logits' dtype. The teacher receives no gradient.
+
+    The forward reads the logits once (online softmax) and keeps 3 numbers per sample. With
+    "mean" / "sum" and a gradient to come, the forward also writes the gradient (on the CPU right
+    after each row's totals, while the row is in cache) and the backward hands it over, scaled
+    unless the incoming gradient is exactly 1; with "none" the backward reads the logits once
+    more and writes it. Either way the gradient is the only logits-size buffer allocated."""
     _check_reduction(reduction)
     # Plain raises (not torch._check): these run in the traced function itself under compile.
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
@@ -144,15 +175,20 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     s = student_logits.reshape(-1, C)
     t = teacher_logits.reshape(-1, C)
     y = target.reshape(-1) if target is not None else None
-    rows, _ = _ops.kd_loss_fwd(s, t, y, float(alpha), distance, float(temperature),
-                               int(ignore_index))
+    args = (s, t, y, float(alpha), distance, float(temperature), int(ignore_index))
     if reduction == "none":
+        rows, _ = _ops.kd_loss_fwd(*args)
         return rows.reshape(lead)
-    total = rows.sum()
+    # ∂total/∂L_b, one number for every row: 1 ("sum") or 1/count ("mean"; inf when no row
+    # counts, giving nan as F.cross_entropy).
+    acc = _acc_dtype(s.dtype)
     if reduction == "sum":
-        return total
-    count = s.shape[0] if y is None else (y != ignore_index).sum()
-    return total / count
+        coefficient = torch.ones((), dtype=acc, device=s.device)
+    elif y is None:
+        coefficient = torch.full((), s.shape[0], dtype=acc, device=s.device).reciprocal()
+    else:
+        coefficient = (y != ignore_index).sum().to(acc).reciprocal()
+    return _ops.kd_loss_total(*args, coefficient)
 
 
 # ---------------------------------------------------------------- mapping_distance
