@@ -4,12 +4,12 @@
 //     per-row losses (N,) and row statistics (N, kKdRowStats);
 //   kd_loss_bwd_rows(grad_loss, student, teacher, target, stats, distance, alpha, T,
 //     ignore_index, grad): the (N, C) gradient w.r.t. the student, grad_loss[b] · ∂L_b/∂s_b;
-//   kd_loss_fwd_grad_rows(..., coefficient, loss, stats, grad): the forward rows and, in the
-//     same call, the gradient of every row scaled by the 0-dim `coefficient`;
+//   kd_loss_fwd_grad_rows(..., coefficient, loss, stats, grad) (CPU only): the forward rows
+//     and, in the same call, the gradient of every row scaled by the 0-dim `coefficient`;
 //   mapping_distance_fwd(students, teachers, out) and mapping_distance_bwd(grad, students,
 //     teachers, grads): every pair in one pass / launch;
-//   mapping_distance_fwd_grad(students, teachers, coefficients, out, grads): both, the gradient
-//     scaled by coefficients (in one pass on the CPU).
+//   mapping_distance_fwd_grad(students, teachers, coefficients, out, grads) (CPU only): both
+//     in one pass, the gradient scaled by coefficients.
 // Inputs reach K contiguous; `target` may be undefined (no CE term). Loss and distance values
 // (and their incoming gradients) are in the accumulation dtype, float32 for 16-bit inputs: a sum
 // of squares over a feature map leaves float16's range (65504) easily, which is why autocast runs

@@ -250,6 +250,46 @@ def test_kd_loss_gradient_paths(distance, reduction, with_target):
         assert_close(kd_loss(b, t, y, 0.3, **kw), expected.detach())
 
 
+def test_reduced_losses_under_create_graph_vmap_and_checkpoint():
+    """The fused gradient path gives way where a stashed buffer would be wrong or wasteful: an
+    incoming gradient inside a graph (create_graph, a learnable weight of exactly 1), batched
+    incoming gradients (vmap), saved-tensor hooks (activation checkpointing)."""
+    N, C = 6, 9
+    s, t, y = logits(N, C), logits(N, C), targets(N, C, ignored=1)
+    pairs_t = [torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)]
+    pairs_s = [torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)]
+    losses = {
+        "kd": (lambda a: kd_loss(a[0], t, y, 0.3, distance="kl", reduction="sum"),
+               lambda a: reference.kd_loss(a[0], t, y, 0.3, distance="kl", reduction="sum"),
+               [s]),
+        "md": (lambda a: mapping_distance(a, pairs_t), lambda a: reference.mapping_distance(
+            a, pairs_t), pairs_s),
+    }
+    for ours, ref, inputs in losses.values():
+        def d_weight(fn):  # d/dw of <∂(w·L)/∂x, v> + Σ x·w at w = 1
+            w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+            xs = [x.clone().requires_grad_() for x in inputs]
+            gs = torch.autograd.grad(w * fn(xs), xs, create_graph=True)
+            total = sum((g * torch.ones_like(g)).sum() + (x * w).sum() for g, x in zip(gs, xs))
+            return torch.autograd.grad(total, w)[0]
+        assert_close(d_weight(ours), d_weight(ref))
+
+        xs = [x.clone().requires_grad_() for x in inputs]
+        scales = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+        batched = torch.autograd.grad(ours(xs), xs, grad_outputs=scales, is_grads_batched=True)
+        xr = [x.clone().requires_grad_() for x in inputs]
+        single = torch.autograd.grad(ref(xr), xr)
+        for b, r in zip(batched, single):
+            assert_close(b, scales.view(-1, *[1] * r.dim()) * r)
+
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = torch.utils.checkpoint.checkpoint(lambda *a: ours(list(a)), *xs,
+                                                use_reentrant=False)
+        out.backward()
+        for x, r in zip(xs, single):
+            assert_close(x.grad, r)
+
+
 def test_kd_loss_bad_coefficient():
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     with pytest.raises((ValueError, RuntimeError), match=r"coefficient must be 0-dim"):

@@ -6,11 +6,13 @@
 // registered autograd formula took about 250 us a step (bench_distill.py, pooled pairs). The
 // formula is MATH.md §3: ∂D_j/∂s_j = 2 (s_j - t_j) / B_j. Teachers get no gradient.
 //
-// mapping_distance_total (Σ_j c_j D_j, the weighted sum / mean) computes c_j ∂D_j/∂s_j in its
-// forward pass when a gradient will be needed: on large feature maps the op is memory-bound, and
-// reading s and t once (writing the gradient beside the sums) moves 3 tensor-sizes of bytes where
-// a forward then a backward pass moves 5. kd_loss_total does the same for the reduced KD loss. The backward hands those buffers over, scaled in place
-// by the incoming gradient unless that is exactly 1 (known without a device sync on the CPU only).
+// mapping_distance_total (Σ_j c_j D_j, the weighted sum / mean) and kd_loss_total (the reduced KD
+// loss) write their gradient in the forward call on the CPU (see fuse_gradient): both are
+// memory-bound there, and reading the inputs once, with the gradient written beside the sums,
+// moves 3 tensor-sizes of bytes where a forward and then a backward pass move 5. The backward
+// hands the buffers over, scaled in place unless the incoming gradient is exactly 1.
+#include <ATen/SavedTensorHooks.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -91,12 +93,31 @@ at::Tensor call_total(at::TensorList students, at::TensorList teachers,
   return op.call(students, teachers, coefficients);
 }
 
-// The incoming gradient is exactly 1 (loss.backward() on this term, or on a plain sum of terms):
-// read only where that costs no device sync and the tensor holds data (not a fake one traced by
-// torch.compile).
-bool is_exactly_one(const at::Tensor& g) {
-  return g.device().is_cpu() && !g.key_set().has(c10::DispatchKey::Python) &&
-         g.item<double>() == 1.0;
+// The fused path (the gradient written in the forward call, stashed, handed over by the backward)
+// is taken only where that is safe and pays: on the CPU (float / double buffers, scaled exactly
+// in place; on a GPU a second read is cheap and the scaling would round through float16), on
+// plain tensors (not traced by torch.compile, not batched by vmap), and outside saved-tensor
+// hooks such as activation checkpointing, which a stashed buffer would bypass and outlive.
+bool fuse_gradient(const at::Tensor& like) {
+  return like.device().is_cpu() && !at::isTensorSubclassLike(like) &&
+         !at::SavedTensorDefaultHooks::get_hooks().has_value();
+}
+
+// An incoming gradient that the stashed buffer may be scaled by in place: a plain CPU number
+// outside any graph (create_graph=True needs the product recorded, vmap a batched product).
+bool scales_in_place(const at::Tensor& g) {
+  return g.device().is_cpu() && !at::isTensorSubclassLike(g) && !g.requires_grad();
+}
+
+// The stashed gradient, scaled by g: handed over (erased from ctx, so that autograd can take it
+// as .grad without a copy) and scaled in place, or, where g must stay in a graph, a product.
+at::Tensor take_scaled(AutogradContext* ctx, const std::string& key, const at::Tensor& g) {
+  auto kept = ctx->saved_data.find(key);
+  at::Tensor grad = kept->second.toTensor();
+  if (!scales_in_place(g)) return at::mul(grad, g);
+  ctx->saved_data.erase(kept);
+  if (g.item<double>() != 1.0) grad.mul_(g);
+  return grad;
 }
 
 class MappingDistanceTotal : public torch::autograd::Function<MappingDistanceTotal> {
@@ -104,12 +125,15 @@ class MappingDistanceTotal : public torch::autograd::Function<MappingDistanceTot
   static at::Tensor forward(AutogradContext* ctx, at::TensorList students,
                             at::TensorList teachers, const at::Tensor& coefficients) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [distances, grads] = call_fwd_grad(students, teachers, coefficients);
     std::vector<at::Tensor> saved(students.begin(), students.end());
     saved.insert(saved.end(), teachers.begin(), teachers.end());
     saved.push_back(coefficients);
     ctx->save_for_backward(saved);
-    ctx->saved_data["grads"] = c10::List<at::Tensor>(grads);
+    if (!fuse_gradient(students[0])) return at::dot(call_fwd(students, teachers), coefficients);
+    auto [distances, grads] = call_fwd_grad(students, teachers, coefficients);
+    for (size_t j = 0; j < grads.size(); ++j) {
+      ctx->saved_data["grad" + std::to_string(j)] = grads[j];
+    }
     return at::dot(distances, coefficients);
   }
 
@@ -118,15 +142,11 @@ class MappingDistanceTotal : public torch::autograd::Function<MappingDistanceTot
     const size_t pairs = (saved.size() - 1) / 2;
     const at::Tensor& g = grad_outputs[0];
     variable_list grads;
-    auto kept = ctx->saved_data.find("grads");
-    if (kept != ctx->saved_data.end()) {
-      // Handed over, not copied: holding no reference lets autograd take them as .grad as is.
-      for (const at::Tensor& t : kept->second.toTensorList()) grads.push_back(t);
-      ctx->saved_data.erase(kept);
-      if (!is_exactly_one(g)) {
-        for (at::Tensor& t : grads) t.mul_(g.to(t.scalar_type()));
+    if (ctx->saved_data.count("grad0")) {
+      for (size_t j = 0; j < pairs; ++j) {
+        grads.push_back(take_scaled(ctx, "grad" + std::to_string(j), g));
       }
-    } else {  // a second backward (retain_graph=True): from the saved pairs
+    } else {  // not fused, or a second backward (retain_graph=True): from the saved pairs
       const at::TensorList students(saved.data(), pairs);
       const at::TensorList teachers(saved.data() + pairs, pairs);
       grads = call_bwd(at::mul(saved.back(), g).contiguous(), students, teachers);
@@ -137,6 +157,19 @@ class MappingDistanceTotal : public torch::autograd::Function<MappingDistanceTot
 };
 
 using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> call_kd_fwd(const at::Tensor& student, const at::Tensor& teacher,
+                                               const OptTensor& target, double alpha,
+                                               std::string_view distance, double temperature,
+                                               int64_t ignore_index) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mapopt_native::kd_loss_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const OptTensor&, double, std::string_view,
+                                                    double, int64_t)>();
+  return op.call(student, teacher, target, alpha, distance, temperature, ignore_index);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_kd_fwd_grad(
     const at::Tensor& student, const at::Tensor& teacher, const OptTensor& target, double alpha,
@@ -187,10 +220,19 @@ class KdLossTotal : public torch::autograd::Function<KdLossTotal> {
                             std::string_view distance, double temperature, int64_t ignore_index,
                             const at::Tensor& coefficient) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [total, stats, grad] = call_kd_fwd_grad(student, teacher, target, alpha, distance,
-                                                 temperature, ignore_index, coefficient);
+    at::Tensor total, stats;
+    if (fuse_gradient(student)) {
+      at::Tensor grad;
+      std::tie(total, stats, grad) = call_kd_fwd_grad(student, teacher, target, alpha, distance,
+                                                      temperature, ignore_index, coefficient);
+      ctx->saved_data["grad"] = grad;
+    } else {
+      at::Tensor rows;
+      std::tie(rows, stats) =
+          call_kd_fwd(student, teacher, target, alpha, distance, temperature, ignore_index);
+      total = at::mul(rows.sum(), coefficient);
+    }
     ctx->save_for_backward({student, teacher, target.value_or(at::Tensor()), stats, coefficient});
-    ctx->saved_data["grad"] = grad;
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["distance"] = std::string(distance);
     ctx->saved_data["temperature"] = temperature;
@@ -201,12 +243,9 @@ class KdLossTotal : public torch::autograd::Function<KdLossTotal> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const at::Tensor& g = grad_outputs[0];
     at::Tensor grad;
-    auto kept = ctx->saved_data.find("grad");
-    if (kept != ctx->saved_data.end()) {  // handed over, as in MappingDistanceTotal
-      grad = kept->second.toTensor();
-      ctx->saved_data.erase(kept);
-      if (!is_exactly_one(g)) grad.mul_(g.to(grad.scalar_type()));
-    } else {  // a second backward (retain_graph=True): from the saved inputs and statistics
+    if (ctx->saved_data.count("grad")) {
+      grad = take_scaled(ctx, "grad", g);
+    } else {  // not fused, or a second backward (retain_graph=True): from the saved statistics
       const variable_list saved = ctx->get_saved_variables();
       const at::Tensor& s = saved[0];
       const OptTensor target = saved[2].defined() ? OptTensor(saved[2]) : OptTensor();
@@ -226,7 +265,7 @@ at::Tensor kd_loss_total_autograd(const at::Tensor& student, const at::Tensor& t
                                   const OptTensor& target, double alpha,
                                   std::string_view distance, double temperature,
                                   int64_t ignore_index, const at::Tensor& coefficient) {
-  if (!(at::GradMode::is_enabled() && student.requires_grad())) {
+  if (!(at::GradMode::is_enabled() && (student.requires_grad() || teacher.requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView below;
     return call_kd_total(student, teacher, target, alpha, distance, temperature, ignore_index,
                          coefficient);
@@ -238,11 +277,10 @@ at::Tensor kd_loss_total_autograd(const at::Tensor& student, const at::Tensor& t
 // With no gradient to compute, the plain kernel: nothing is written beside the sums.
 at::Tensor mapping_distance_total_autograd(at::TensorList students, at::TensorList teachers,
                                            const at::Tensor& coefficients) {
-  const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      std::any_of(students.begin(), students.end(), [](const at::Tensor& s) {
-        return s.requires_grad();
-      });
+  const auto requires_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  const bool needs_grad = at::GradMode::is_enabled() &&
+                          (std::any_of(students.begin(), students.end(), requires_grad) ||
+                           std::any_of(teachers.begin(), teachers.end(), requires_grad));
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
     return call_total(students, teachers, coefficients);

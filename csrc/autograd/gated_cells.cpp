@@ -9,9 +9,12 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <vector>
 
 namespace mapopt {
 namespace {
@@ -39,14 +42,18 @@ variable_list keep_needed(const std::vector<at::Tensor>& grads, const std::vecto
 std::vector<bool> params_needed(AutogradContext* ctx, size_t first, bool has_bias) {
   std::vector<bool> need{ctx->needs_input_grad(first), ctx->needs_input_grad(first + 1), false,
                          false};
-  if (has_bias) need[2] = ctx->needs_input_grad(first + 2), need[3] = ctx->needs_input_grad(first + 3);
+  if (has_bias) {
+    need[2] = ctx->needs_input_grad(first + 2);
+    need[3] = ctx->needs_input_grad(first + 3);
+  }
   return need;
 }
 
 class GruCell : public torch::autograd::Function<GruCell> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
-                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const OptTensor& b_ih,
                                const OptTensor& b_hh, std::string_view gate) {
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto fwd =
@@ -124,7 +131,9 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
     const std::vector<bool> needed{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                    ctx->needs_input_grad(2), params[0], params[1], params[2],
                                    params[3]};
-    auto defined_or_none = [](const at::Tensor& g) { return g.defined() ? OptTensor(g) : OptTensor(); };
+    auto defined_or_none = [](const at::Tensor& g) {
+      return g.defined() ? OptTensor(g) : OptTensor();
+    };
     const std::string gate = ctx->saved_data["gate"].toStringRef();
     auto [d_in, d_hx, d_cx, d_wih, d_whh, d_bih, d_bhh] = bwd.call(
         defined_or_none(grad_outputs[0]), defined_or_none(grad_outputs[1]), saved[0], saved[1],

@@ -212,18 +212,6 @@ struct CudaDistillKernels {
     });
   }
 
-  // The forward rows, then the backward kernel with every row's incoming gradient the
-  // coefficient (on the GPU a second read of the logits is cheap next to a sync).
-  static void kd_loss_fwd_grad_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
-                                    Distance d, double alpha, double temperature,
-                                    int64_t ignore_index, const at::Tensor& coefficient,
-                                    const at::Tensor& loss, const at::Tensor& stats,
-                                    const at::Tensor& grad) {
-    kd_loss_fwd_rows(s, t, y, d, alpha, temperature, ignore_index, loss, stats);
-    kd_loss_bwd_rows(coefficient.expand({s.size(0)}).contiguous(), s, t, y, stats, d, alpha,
-                     temperature, ignore_index, grad);
-  }
-
   static void kd_loss_bwd_rows(const at::Tensor& grad_loss, const at::Tensor& s,
                                const at::Tensor& t, const at::Tensor& y, const at::Tensor& stats,
                                Distance d, double alpha, double temperature,
@@ -264,15 +252,6 @@ struct CudaDistillKernels {
     });
   }
 
-  // D_j into out and grads[j] = c_j ∂D_j/∂s_j: the forward and backward kernels in turn.
-  static void mapping_distance_fwd_grad(const std::vector<at::Tensor>& students,
-                                        const std::vector<at::Tensor>& teachers,
-                                        const at::Tensor& coefficients, const at::Tensor& out,
-                                        const std::vector<at::Tensor>& grads) {
-    mapping_distance_fwd(students, teachers, out);
-    mapping_distance_bwd(coefficients, students, teachers, grads);
-  }
-
   static void mapping_distance_bwd(const at::Tensor& grad_distances,
                                    const std::vector<at::Tensor>& students,
                                    const std::vector<at::Tensor>& teachers,
@@ -299,10 +278,8 @@ TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
   using K = mapopt::cuda::CudaDistillKernels;
   m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
   m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
-  m.impl("kd_loss_fwd_grad", &mapopt::kd_loss_fwd_grad<K>);
   m.impl("kd_loss_total", &mapopt::kd_loss_total<K>);
   m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
   m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
-  m.impl("mapping_distance_fwd_grad", &mapopt::mapping_distance_fwd_grad<K>);
   m.impl("mapping_distance_total", &mapopt::mapping_distance_total<K>);
 }

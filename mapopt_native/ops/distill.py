@@ -153,11 +153,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     float16 / bfloat16 logits give a float32 loss (as autocast runs torch's losses in float32);
     the gradient has the logits' dtype. The teacher receives no gradient.
 
-    The forward reads the logits once (online softmax) and keeps 3 numbers per sample. With
-    "mean" / "sum" and a gradient to come, the forward also writes the gradient (on the CPU right
-    after each row's totals, while the row is in cache) and the backward hands it over, scaled
-    unless the incoming gradient is exactly 1; with "none" the backward reads the logits once
-    more and writes it. Either way the gradient is the only logits-size buffer allocated."""
+    The forward reads the logits once (online softmax) and keeps 3 numbers per sample; a backward
+    pass reads them once more and writes the gradient. On the CPU, with "mean" / "sum" and a
+    gradient to come, the forward writes each row's gradient right after the row's totals (while
+    the row is in cache) and the backward hands it over, scaled in place unless the incoming
+    gradient is exactly 1 (not under activation checkpointing, torch.compile or vmap, which take
+    the backward pass). Either way the gradient is the only logits-size buffer allocated."""
     _check_reduction(reduction)
     # Plain raises (not torch._check): these run in the traced function itself under compile.
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
@@ -260,8 +261,10 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     students[j] and teachers[j] share one shape (B_j, ...); pairs may differ in shape, and all
     tensors share one dtype and device; float16 / bfloat16 pairs give float32 distances (a sum of
     squares over a feature map leaves float16's range easily), gradients in the pairs' dtype. A
-    pair with B_j = 0 gives D_j = 0. The teachers receive no gradient. weights: one per pair (default 1). reduction: "none" returns the vector (D_j)
-    (weights applied), "sum" Σ_j w_j D_j, "mean" Σ_j w_j D_j / number of pairs."""
+    pair with B_j = 0 gives D_j = 0. The teachers receive no gradient. weights: one per pair
+    (default 1). reduction: "none" returns the vector (D_j) (weights applied), "sum" Σ_j w_j D_j,
+    "mean" Σ_j w_j D_j / number of pairs. On the CPU, "sum" and "mean" write the gradient in the
+    forward pass (kd_loss's docstring says when)."""
     _check_reduction(reduction)
     students, teachers = list(students), list(teachers)
     if not students:  # the dispatcher needs a tensor to pick a kernel

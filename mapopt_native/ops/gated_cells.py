@@ -1,4 +1,5 @@
-"""Gated GRU / LSTM cell ops (MATH.md §1): fake kernels, autograd, and the public functions.
+"""Gated GRU / LSTM cell ops (MATH.md §1): fake kernels and the public functions (their autograd
+kernels are C++, csrc/autograd/gated_cells.cpp).
 
 The kernels validate their inputs in C++ (csrc/common/checks.h); the fake kernels repeat those
 checks with torch._check so a compiled model fails with the same message at trace time."""
