@@ -17,7 +17,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <string>
@@ -116,6 +118,12 @@ at::Tensor kd_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
   return grad;
 }
 
+// Σ c·x: a reduced loss from its per-row (kd_loss) or per-pair (mapping_distance) values and
+// their coefficients (a 0-dim coefficient applies to every value).
+inline at::Tensor weighted_total(const at::Tensor& values, const at::Tensor& coefficients) {
+  return (values * coefficients).sum();
+}
+
 // The 0-dim coefficient of a reduced loss: ∂total/∂L_b, the same for every row (1 for "sum",
 // 1/count for "mean").
 inline void check_coefficient(const at::Tensor& coefficient, const at::Tensor& student) {
@@ -140,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_grad(
   at::Tensor stats = at::empty({s.size(0), kKdRowStats}, acc);
   at::Tensor grad = empty_large(s.sizes(), s.options());
   K::kd_loss_fwd_grad_rows(s, t, y, d, alpha, temperature, ignore_index, c, loss, stats, grad);
-  return {loss.sum() * c, stats, grad};
+  return {weighted_total(loss, c), stats, grad};
 }
 
 // The backend kernel of kd_loss_total: the path without gradients.
@@ -153,7 +161,7 @@ at::Tensor kd_loss_total(const at::Tensor& student, const at::Tensor& teacher,
   check_coefficient(coefficient, student);
   auto [loss, stats] =
       kd_loss_fwd<K>(student, teacher, target, alpha, distance, temperature, ignore_index);
-  return loss.sum() * coefficient;
+  return weighted_total(loss, coefficient);
 }
 
 // Both lists non-empty and of one length; pair j: same shape, a batch dimension; every tensor of
@@ -228,7 +236,7 @@ at::Tensor mapping_distance_total(at::TensorList students, at::TensorList teache
                                   const at::Tensor& coefficients) {
   check_pairs(students, teachers);
   check_coefficients(coefficients, students);
-  return at::dot(mapping_distance_fwd<K>(students, teachers), coefficients);
+  return weighted_total(mapping_distance_fwd<K>(students, teachers), coefficients);
 }
 
 template <class K>
@@ -246,6 +254,17 @@ std::vector<at::Tensor> mapping_distance_bwd(const at::Tensor& grad_distances,
   K::mapping_distance_bwd(grad_distances.contiguous(), contiguous_all(students),
                           contiguous_all(teachers), grads);
   return grads;
+}
+
+// The ops every backend implements (the CPU adds the *_fwd_grad ops of its fused path).
+template <class K>
+void register_distill_ops(torch::Library& m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd<K>);
+  m.impl("kd_loss_bwd", &kd_loss_bwd<K>);
+  m.impl("kd_loss_total", &kd_loss_total<K>);
+  m.impl("mapping_distance_fwd", &mapping_distance_fwd<K>);
+  m.impl("mapping_distance_bwd", &mapping_distance_bwd<K>);
+  m.impl("mapping_distance_total", &mapping_distance_total<K>);
 }
 
 }  // namespace mapopt

@@ -290,6 +290,19 @@ def test_reduced_losses_under_create_graph_vmap_and_checkpoint():
             assert_close(x.grad, r)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mapping_distance_learnable_weights(reduction):
+    students, teachers = mixed_pairs(3)
+    grads = []
+    for fn in (lambda s, w: mapping_distance(s, teachers, weights=w, reduction=reduction),
+               lambda s, w: reference.mapping_distance(s, teachers, w, reduction)):
+        ss = [s.clone().requires_grad_() for s in students]
+        w = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64, requires_grad=True)
+        grads.append(torch.autograd.grad(3.0 * fn(ss, w), [w, *ss]))
+    for a, b in zip(*grads):
+        assert_close(a, b)
+
+
 def test_kd_loss_bad_coefficient():
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     with pytest.raises((ValueError, RuntimeError), match=r"coefficient must be 0-dim"):

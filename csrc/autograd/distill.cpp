@@ -13,7 +13,6 @@
 // hands the buffers over, scaled in place unless the incoming gradient is exactly 1.
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/TensorSubclassLikeUtils.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -24,25 +23,41 @@
 #include <tuple>
 #include <vector>
 
+#include "../distill.h"
+#include "dispatch.h"
+
 namespace mapopt {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+// The C++ signatures of the ops called below (schemas in csrc/registration.cpp).
+using MdFwd = at::Tensor(at::TensorList, at::TensorList);
+using MdBwd = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList);
+using MdFwdGrad = std::tuple<at::Tensor, std::vector<at::Tensor>>(at::TensorList, at::TensorList,
+                                                                  const at::Tensor&);
+using MdTotal = at::Tensor(at::TensorList, at::TensorList, const at::Tensor&);
+using KdFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                 const OptTensor&, double, std::string_view,
+                                                 double, int64_t);
+using KdFwdGrad = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, double, std::string_view, double,
+    int64_t, const at::Tensor&);
+using KdTotal = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, double,
+                           std::string_view, double, int64_t, const at::Tensor&);
+using KdBwd = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                         const at::Tensor&, double, std::string_view, double, int64_t);
 
 at::Tensor call_fwd(at::TensorList students, at::TensorList teachers) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mapopt_native::mapping_distance_fwd", "")
-                             .typed<at::Tensor(at::TensorList, at::TensorList)>();
+  static const auto op = typed_op<MdFwd>("mapopt_native::mapping_distance_fwd");
   return op.call(students, teachers);
 }
 
 std::vector<at::Tensor> call_bwd(const at::Tensor& grad, at::TensorList students,
                                  at::TensorList teachers) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::mapping_distance_bwd", "")
-          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList)>();
+  static const auto op = typed_op<MdBwd>("mapopt_native::mapping_distance_bwd");
   return op.call(grad, students, teachers);
 }
 
@@ -76,20 +91,13 @@ at::Tensor mapping_distance_autograd(at::TensorList students, at::TensorList tea
 std::tuple<at::Tensor, std::vector<at::Tensor>> call_fwd_grad(at::TensorList students,
                                                               at::TensorList teachers,
                                                               const at::Tensor& coefficients) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::mapping_distance_fwd_grad", "")
-          .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(at::TensorList, at::TensorList,
-                                                                 const at::Tensor&)>();
+  static const auto op = typed_op<MdFwdGrad>("mapopt_native::mapping_distance_fwd_grad");
   return op.call(students, teachers, coefficients);
 }
 
 at::Tensor call_total(at::TensorList students, at::TensorList teachers,
                       const at::Tensor& coefficients) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::mapping_distance_total", "")
-          .typed<at::Tensor(at::TensorList, at::TensorList, const at::Tensor&)>();
+  static const auto op = typed_op<MdTotal>("mapopt_native::mapping_distance_total");
   return op.call(students, teachers, coefficients);
 }
 
@@ -129,12 +137,18 @@ class MappingDistanceTotal : public torch::autograd::Function<MappingDistanceTot
     saved.insert(saved.end(), teachers.begin(), teachers.end());
     saved.push_back(coefficients);
     ctx->save_for_backward(saved);
-    if (!fuse_gradient(students[0])) return at::dot(call_fwd(students, teachers), coefficients);
-    auto [distances, grads] = call_fwd_grad(students, teachers, coefficients);
-    for (size_t j = 0; j < grads.size(); ++j) {
-      ctx->saved_data["grad" + std::to_string(j)] = grads[j];
+    at::Tensor distances;
+    if (fuse_gradient(students[0])) {
+      std::vector<at::Tensor> grads;
+      std::tie(distances, grads) = call_fwd_grad(students, teachers, coefficients);
+      for (size_t j = 0; j < grads.size(); ++j) {
+        ctx->saved_data["grad" + std::to_string(j)] = grads[j];
+      }
+    } else {
+      distances = call_fwd(students, teachers);
     }
-    return at::dot(distances, coefficients);
+    ctx->saved_data["distances"] = distances;  // the coefficients' gradient (learnable weights)
+    return weighted_total(distances, coefficients);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -151,23 +165,19 @@ class MappingDistanceTotal : public torch::autograd::Function<MappingDistanceTot
       const at::TensorList teachers(saved.data() + pairs, pairs);
       grads = call_bwd(at::mul(saved.back(), g).contiguous(), students, teachers);
     }
-    grads.resize(2 * pairs + 1);  // none for the teachers and the coefficients
+    grads.resize(2 * pairs + 1);  // none for the teachers
+    if (ctx->needs_input_grad(2 * pairs)) {
+      grads.back() = at::mul(ctx->saved_data["distances"].toTensor(), g);
+    }
     return grads;
   }
 };
-
-using OptTensor = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> call_kd_fwd(const at::Tensor& student, const at::Tensor& teacher,
                                                const OptTensor& target, double alpha,
                                                std::string_view distance, double temperature,
                                                int64_t ignore_index) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::kd_loss_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const OptTensor&, double, std::string_view,
-                                                    double, int64_t)>();
+  static const auto op = typed_op<KdFwd>("mapopt_native::kd_loss_fwd");
   return op.call(student, teacher, target, alpha, distance, temperature, ignore_index);
 }
 
@@ -175,12 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_kd_fwd_grad(
     const at::Tensor& student, const at::Tensor& teacher, const OptTensor& target, double alpha,
     std::string_view distance, double temperature, int64_t ignore_index,
     const at::Tensor& coefficient) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::kd_loss_fwd_grad", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const OptTensor&, double, std::string_view,
-              double, int64_t, const at::Tensor&)>();
+  static const auto op = typed_op<KdFwdGrad>("mapopt_native::kd_loss_fwd_grad");
   return op.call(student, teacher, target, alpha, distance, temperature, ignore_index,
                  coefficient);
 }
@@ -188,11 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_kd_fwd_grad(
 at::Tensor call_kd_total(const at::Tensor& student, const at::Tensor& teacher,
                          const OptTensor& target, double alpha, std::string_view distance,
                          double temperature, int64_t ignore_index, const at::Tensor& coefficient) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::kd_loss_total", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, double,
-                            std::string_view, double, int64_t, const at::Tensor&)>();
+  static const auto op = typed_op<KdTotal>("mapopt_native::kd_loss_total");
   return op.call(student, teacher, target, alpha, distance, temperature, ignore_index,
                  coefficient);
 }
@@ -201,12 +202,7 @@ at::Tensor call_kd_bwd(const at::Tensor& grad_loss, const at::Tensor& student,
                        const at::Tensor& teacher, const OptTensor& target,
                        const at::Tensor& row_stats, double alpha, std::string_view distance,
                        double temperature, int64_t ignore_index) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mapopt_native::kd_loss_bwd", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const OptTensor&, const at::Tensor&, double, std::string_view, double,
-                            int64_t)>();
+  static const auto op = typed_op<KdBwd>("mapopt_native::kd_loss_bwd");
   return op.call(grad_loss, student, teacher, target, row_stats, alpha, distance, temperature,
                  ignore_index);
 }
@@ -230,7 +226,7 @@ class KdLossTotal : public torch::autograd::Function<KdLossTotal> {
       at::Tensor rows;
       std::tie(rows, stats) =
           call_kd_fwd(student, teacher, target, alpha, distance, temperature, ignore_index);
-      total = at::mul(rows.sum(), coefficient);
+      total = weighted_total(rows, coefficient);
     }
     ctx->save_for_backward({student, teacher, target.value_or(at::Tensor()), stats, coefficient});
     ctx->saved_data["alpha"] = alpha;
@@ -280,7 +276,8 @@ at::Tensor mapping_distance_total_autograd(at::TensorList students, at::TensorLi
   const auto requires_grad = [](const at::Tensor& t) { return t.requires_grad(); };
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (std::any_of(students.begin(), students.end(), requires_grad) ||
-                           std::any_of(teachers.begin(), teachers.end(), requires_grad));
+                           std::any_of(teachers.begin(), teachers.end(), requires_grad) ||
+                           coefficients.requires_grad());
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView below;
     return call_total(students, teachers, coefficients);

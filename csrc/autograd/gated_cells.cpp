@@ -5,7 +5,6 @@
 // forward and as much again per backward (bench_cells.py at small sizes, and on a GPU, where a
 // step's kernels take a few microseconds). The formulas are the backward ops
 // (gated_gru_cell_bwd, gated_lstm_cell_bwd); the workspace output is not differentiable.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -16,6 +15,8 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
+
 namespace mapopt {
 namespace {
 
@@ -23,9 +24,22 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
-c10::OperatorHandle op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
+// The C++ signatures of the ops called below (schemas in csrc/registration.cpp).
+using GruFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&,
+                                                  const OptTensor&, const OptTensor&,
+                                                  std::string_view);
+using GruBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, std::string_view, bool, std::array<bool, 3>);
+using LstmFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptTensor&, const OptTensor&, std::string_view);
+using LstmBwd =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, std::string_view, bool, std::array<bool, 4>);
 
 // The gradient slots of a backward op's result: the requested ones, undefined elsewhere (the op
 // returns empty placeholders for what output_mask left out).
@@ -56,12 +70,7 @@ class GruCell : public torch::autograd::Function<GruCell> {
                                const OptTensor& b_ih,
                                const OptTensor& b_hh, std::string_view gate) {
     at::AutoDispatchBelowADInplaceOrView below;
-    static const auto fwd =
-        op("mapopt_native::gated_gru_cell_fwd")
-            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, const at::Tensor&,
-                                                      const OptTensor&, const OptTensor&,
-                                                      std::string_view)>();
+    static const auto fwd = typed_op<GruFwd>("mapopt_native::gated_gru_cell_fwd");
     auto [hy, ws] = fwd.call(input, hx, w_ih, w_hh, b_ih, b_hh, gate);
     ctx->save_for_backward({input, hx, w_ih, w_hh, ws});
     ctx->saved_data["gate"] = std::string(gate);
@@ -71,12 +80,7 @@ class GruCell : public torch::autograd::Function<GruCell> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto bwd =
-        op("mapopt_native::gated_gru_cell_bwd")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          std::string_view, bool, std::array<bool, 3>)>();
+    static const auto bwd = typed_op<GruBwd>("mapopt_native::gated_gru_cell_bwd");
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::vector<bool> params = params_needed(ctx, 2, has_bias);
@@ -100,11 +104,7 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
                                const OptTensor& b_ih, const OptTensor& b_hh,
                                std::string_view gate) {
     at::AutoDispatchBelowADInplaceOrView below;
-    static const auto fwd =
-        op("mapopt_native::gated_lstm_cell_fwd")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const OptTensor&, const OptTensor&, std::string_view)>();
+    static const auto fwd = typed_op<LstmFwd>("mapopt_native::gated_lstm_cell_fwd");
     auto [hy, cy, ws] = fwd.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, gate);
     ctx->save_for_backward({input, hx, cx, w_ih, w_hh, cy, ws});
     ctx->saved_data["gate"] = std::string(gate);
@@ -117,13 +117,7 @@ class LstmCell : public torch::autograd::Function<LstmCell> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static const auto bwd =
-        op("mapopt_native::gated_lstm_cell_bwd")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor, at::Tensor>(
-                const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, std::string_view, bool, std::array<bool, 4>)>();
+    static const auto bwd = typed_op<LstmBwd>("mapopt_native::gated_lstm_cell_bwd");
     const variable_list saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::vector<bool> params = params_needed(ctx, 3, has_bias);

@@ -320,12 +320,7 @@ struct CpuDistillKernels {
 
 TORCH_LIBRARY_IMPL(mapopt_native, CPU, m) {
   using K = mapopt::cpu::CpuDistillKernels;
-  m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
-  m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
+  mapopt::register_distill_ops<K>(m);
   m.impl("kd_loss_fwd_grad", &mapopt::kd_loss_fwd_grad<K>);
-  m.impl("kd_loss_total", &mapopt::kd_loss_total<K>);
-  m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
-  m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
   m.impl("mapping_distance_fwd_grad", &mapopt::mapping_distance_fwd_grad<K>);
-  m.impl("mapping_distance_total", &mapopt::mapping_distance_total<K>);
 }

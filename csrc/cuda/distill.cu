@@ -275,11 +275,5 @@ struct CudaDistillKernels {
 }  // namespace mapopt::cuda
 
 TORCH_LIBRARY_IMPL(mapopt_native, CUDA, m) {
-  using K = mapopt::cuda::CudaDistillKernels;
-  m.impl("kd_loss_fwd", &mapopt::kd_loss_fwd<K>);
-  m.impl("kd_loss_bwd", &mapopt::kd_loss_bwd<K>);
-  m.impl("kd_loss_total", &mapopt::kd_loss_total<K>);
-  m.impl("mapping_distance_fwd", &mapopt::mapping_distance_fwd<K>);
-  m.impl("mapping_distance_bwd", &mapopt::mapping_distance_bwd<K>);
-  m.impl("mapping_distance_total", &mapopt::mapping_distance_total<K>);
+  mapopt::register_distill_ops<mapopt::cuda::CudaDistillKernels>(m);
 }

@@ -277,12 +277,10 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
         if w.shape != (P,):
             raise ValueError(f"weights must hold one weight per pair ({P}), got shape "
                              f"{list(w.shape)}")
-    if reduction == "none" or (w is not None and w.requires_grad):
+    if reduction == "none":
         d = _ops.mapping_distance_fwd(students, teachers)  # the autograd formula skips teachers
-        d = d if w is None else d * w
-        if reduction == "none":
-            return d
-        return d.sum() if reduction == "sum" else d.sum() / P
-    # Σ_j c_j D_j in one op, whose forward also writes the gradient (one pass over the pairs).
+        return d if w is None else d * w
+    # Σ_j c_j D_j in one op (on the CPU its forward also writes the gradient); learnable weights
+    # get theirs (D_j) from its autograd kernel.
     c = torch.ones(P, dtype=dtype, device=students[0].device) if w is None else w
     return _ops.mapping_distance_total(students, teachers, c if reduction == "sum" else c / P)
