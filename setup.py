@@ -103,15 +103,18 @@ def make_extension():
         ("MAPOPT_CPU_ISA", f'"{isa}"'),
         ("MAPOPT_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"] + CPU_ISA_FLAGS[isa]
+    # -fopenmp: ATen's at::parallel_for is a header template that runs its body on one thread
+    # unless the extension itself is compiled with OpenMP; linked, it shares torch's libgomp.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + CPU_ISA_FLAGS[isa]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension("mapopt_native._C", sources, define_macros=macros,
                              include_dirs=cuda_library_include_dirs(),
-                             extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                             extra_link_args=["-fopenmp"])
     return CppExtension("mapopt_native._C", sources, define_macros=macros,
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 # Metadata and packages live in pyproject.toml.
