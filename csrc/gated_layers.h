@@ -210,6 +210,30 @@ inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Ten
 
 }  // namespace seq
 
+// The forward step for backends without a fused one (CUDA): the recurrent product, then the
+// pointwise kernel. A backend K derives from StepByProduct<K> to get K::Recurrent,
+// K::recurrent_weight, K::gru_step_fwd and K::lstm_step_fwd (csrc/gated_cells.h lists them).
+template <class K>
+struct StepByProduct {
+  struct Recurrent {
+    at::Tensor w;
+    std::optional<at::Tensor> b;
+  };
+  static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                    int64_t /*chunks*/, int64_t batch) {
+    return {K::pack_weight(w, batch), b};
+  }
+  static void gru_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
+                           const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
+    K::gru_pointwise_fwd(gi, K::linear(hx, r.w, r.b), hx, hy, ws, gate);
+  }
+  static void lstm_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
+                            const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
+                            const at::Tensor& ws, Gate gate) {
+    K::lstm_pointwise_fwd(gi, K::linear(hx, r.w, r.b), cx, hy, cy, ws, gate);
+  }
+};
+
 // ------------------------------------------------------------------------------------- GRU
 
 template <class K>
@@ -226,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
   c10::OptionalDeviceGuard guard(input.device());
 
   seq::Projection<K> gi(x, w_ih, b_ih, s, reverse);
-  const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
+  const typename K::Recurrent rec = K::recurrent_weight(w_hh, b_hh, 3, s.batch);
   at::Tensor out = empty_large({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
   // Training keeps every step's workspace for the backward; inference reuses one step's.
@@ -238,10 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
     const int64_t t = reverse ? s.T() - 1 - i : i;
     const int64_t n = s.sizes[t], off = s.offsets[t];
     const at::Tensor h = seq::start_state(last, last_n, h0, n);
-    const at::Tensor gh = K::linear(h, w_hh_packed, b_hh);
     at::Tensor out_t = seq::rows(out, off, n);
-    K::gru_pointwise_fwd(gi.step(t), gh, h, out_t,
-                         seq::rows(ws, need_workspace ? off : 0, n), g);
+    K::gru_step_fwd(rec, gi.step(t), h, out_t, seq::rows(ws, need_workspace ? off : 0, n), g);
     seq::collect_final(hy, out_t, n, s.next_size(t, reverse), reverse);
     last = out_t;
     last_n = n;
@@ -315,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
 
   const std::optional<at::Tensor> bias = detail::summed_bias(b_ih, b_hh);
   seq::Projection<K> gi(x, w_ih, bias, s, reverse);
-  const at::Tensor w_hh_packed = K::pack_weight(w_hh, s.batch);
+  const typename K::Recurrent rec = K::recurrent_weight(w_hh, std::nullopt, 4, s.batch);
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.
   at::Tensor gates = need_workspace && !gi.whole() ? empty_large({s.rows, 4 * H}, x.options())
@@ -333,13 +355,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
     const at::Tensor h = seq::start_state(last_h, last_n, h0, n);
     const at::Tensor c = seq::start_state(last_c, last_n, c0, n);
     const at::Tensor gi_t = gi.step(t);
-    const at::Tensor gh = K::linear(h, w_hh_packed, std::nullopt);
     at::Tensor out_t = seq::rows(out, off, n);
     // Inference alternates two cell-state buffers instead of keeping every step's.
     at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
     at::Tensor ws_t;
     if (need_workspace) ws_t = gi.whole() ? gi_t : seq::rows(gates, off, n);
-    K::lstm_pointwise_fwd(gi_t, gh, c, out_t, c_t, ws_t, g);
+    K::lstm_step_fwd(rec, gi_t, h, c, out_t, c_t, ws_t, g);
     const int64_t next_n = s.next_size(t, reverse);
     seq::collect_final(hy, out_t, n, next_n, reverse);
     seq::collect_final(cy, c_t, n, next_n, reverse);

@@ -139,6 +139,42 @@ def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
         assert_close(a, b, scale=100)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_steps_cut_in_thread_tiles_match_torch(kind, dtype, threads):
+    # Big enough steps that the CPU forward cuts the recurrent product into one tile of hidden
+    # units per thread (RecurrentTiles, csrc/cpu/gated_cells.cpp): H = 200 is no multiple of the
+    # vector width, so the last tile is short; packed, unsorted, both directions.
+    ours_cls, torch_cls = LAYERS[kind]
+    T, B, I, H = 6, 32, 24, 200
+    theirs = torch_cls(I, H, bidirectional=True, dtype=dtype)
+    ours = ours_cls(I, H, bidirectional=True, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[3] = T
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for module in (ours, theirs):
+            xl = leaf(x)
+            out, finals = module(pack_padded_sequence(xl, lengths, enforce_sorted=False))
+            out = pad_packed_sequence(out)[0]
+            loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum()
+            grads = torch.autograd.grad(loss, [xl] + list(module.parameters()))
+            results.append((out, as_tuple(finals), grads))
+    finally:
+        torch.set_num_threads(before)
+    (oo, fo, go), (ot, ft, gt) = results
+    assert_close(oo, ot, scale=2)
+    for a, b in zip(fo, ft):
+        assert_close(a, b, scale=2)
+    for a, b in zip(go, gt):
+        assert_close(a, b, scale=20)
+
+
 def weights_of(module):
     return [module._weights(layer, d) for layer in range(module.num_layers)
             for d in range(module.num_directions)]

@@ -2,7 +2,12 @@
 // the cell and layer ops, which are written once for every device in csrc/gated_cells.h and
 // csrc/gated_layers.h on top of these kernels.
 #include <ATen/Dispatch.h>
+#include <ATen/ceil_div.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
 
 #include "../common/cells.h"
 #include "../gated_registration.h"
@@ -16,6 +21,91 @@ template <class F>
 void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "mapopt_native gated cell", [&] {
     dispatch_gate(gate, [&](auto g) { fn(g, scalar_t{}); });
+  });
+}
+
+// The forward pointwise math of row b's hidden units [j0, j1). gh's gate k of unit j is at
+// ghb[k * gs + j - g0]: gs = H, g0 = 0 for the whole (B, chunks*H) product, or the tile's units and
+// first unit for one tile of the fused step (RecurrentTiles).
+template <Gate G, class scalar_t>
+void gru_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64_t g0,
+                   const at::Tensor& hx, const at::Tensor& hy, const at::Tensor& ws, int64_t b,
+                   int64_t j0, int64_t j1) {
+  using V = Vectorized<scalar_t>;
+  using P = GruPointwise<G, V, VecMath>;
+  const int64_t H = hy.size(1);
+  const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
+  const scalar_t* hb = hx.const_data_ptr<scalar_t>() + b * hx.stride(0);
+  scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
+  scalar_t* wsb = ws.data_ptr<scalar_t>() + b * ws.stride(0);
+  for (int64_t j = j0; j < j1; j += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), j1 - j);
+    const scalar_t* ghj = ghb + (j - g0);
+    typename P::Saved sv;
+    const V out = P::forward(load(gib + j, n), load(gib + H + j, n), load(gib + 2 * H + j, n),
+                             load(ghj, n), load(ghj + gs, n), load(ghj + 2 * gs, n),
+                             load(hb + j, n), sv);
+    store(out, hyb + j, n);
+    store(sv.pre_r, wsb + j, n);
+    store(sv.pre_z, wsb + H + j, n);
+    store(sv.n, wsb + 2 * H + j, n);
+    store(sv.gh_n, wsb + 3 * H + j, n);
+  }
+}
+
+// ws may be undefined (inference) or alias gi: each element is read before it is written.
+template <Gate G, class scalar_t>
+void lstm_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64_t g0,
+                    const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
+                    const at::Tensor& ws, int64_t b, int64_t j0, int64_t j1) {
+  using V = Vectorized<scalar_t>;
+  using P = LstmPointwise<G, V, VecMath>;
+  const int64_t H = hy.size(1);
+  const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
+  const scalar_t* cb = cx.const_data_ptr<scalar_t>() + b * cx.stride(0);
+  scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
+  scalar_t* cyb = cy.data_ptr<scalar_t>() + b * cy.stride(0);
+  scalar_t* wsb = ws.defined() ? ws.data_ptr<scalar_t>() + b * ws.stride(0) : nullptr;
+  for (int64_t j = j0; j < j1; j += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), j1 - j);
+    const scalar_t* ghj = ghb + (j - g0);
+    V a[4];
+    for (int k = 0; k < 4; ++k) {
+      a[k] = load(gib + k * H + j, n) + load(ghj + k * gs, n);
+      if (wsb) store(a[k], wsb + k * H + j, n);
+    }
+    V c_new;
+    const V h_new = P::forward(a[0], a[1], a[2], a[3], load(cb + j, n), c_new);
+    store(h_new, hyb + j, n);
+    store(c_new, cyb + j, n);
+  }
+}
+
+// A layer's recurrent weight cut into one tile of hidden units per thread, each tile holding its
+// units' rows of every gate block, packed for oneDNN. A fused step computes, on each thread, its
+// tile's product (B, chunks*U) and at once the pointwise math of those U units: no barrier
+// between product and pointwise, the pointwise reads the product from the core's own cache, and
+// each core keeps only its part of the weight. Measured against product-then-pointwise (T = 100,
+// 2 threads): 0-10% faster per layer, most at small sizes (LSTM, B = 8, H = 128: 5.3 -> 4.4 ms).
+struct RecurrentTiles {
+  std::vector<at::Tensor> w;                // (chunks*U_i, H) packed
+  std::vector<std::optional<at::Tensor>> b;  // (chunks*U_i) or none
+  std::vector<int64_t> first;               // first unit of each tile, then H
+  int64_t tiles() const { return static_cast<int64_t>(w.size()); }
+};
+
+// Multiply-adds per tile below which a step is cut into fewer tiles: a tile's product then costs
+// less than handing it to a thread.
+constexpr int64_t kMinTileWork = int64_t{1} << 20;
+
+// Calls fn(u0, u1, h W_tileᵀ + b_tile) for every tile, one tile per thread. Inside the parallel
+// region oneDNN runs each product on its calling thread.
+template <class F>
+void for_each_tile(const RecurrentTiles& r, const at::Tensor& h, const F& fn) {
+  at::parallel_for(0, r.tiles(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      fn(r.first[t], r.first[t + 1], onednn_linear(h, r.w[t], r.b[t]));
+    }
   });
 }
 
@@ -41,26 +131,9 @@ struct CpuCellKernels {
     const int64_t B = hy.size(0), H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
-      using V = Vectorized<scalar_t>;
-      using P = GruPointwise<decltype(g)::value, V, VecMath>;
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
-        const scalar_t* ghb = gh.const_data_ptr<scalar_t>() + b * gh.stride(0);
-        const scalar_t* hb = hx.const_data_ptr<scalar_t>() + b * hx.stride(0);
-        scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
-        scalar_t* wsb = ws.data_ptr<scalar_t>() + b * ws.stride(0);
-        for (int64_t j = j0; j < j1; j += V::size()) {
-          const int64_t n = std::min<int64_t>(V::size(), j1 - j);
-          typename P::Saved sv;
-          const V out = P::forward(load(gib + j, n), load(gib + H + j, n), load(gib + 2 * H + j, n),
-                                   load(ghb + j, n), load(ghb + H + j, n), load(ghb + 2 * H + j, n),
-                                   load(hb + j, n), sv);
-          store(out, hyb + j, n);
-          store(sv.pre_r, wsb + j, n);
-          store(sv.pre_z, wsb + H + j, n);
-          store(sv.n, wsb + 2 * H + j, n);
-          store(sv.gh_n, wsb + 3 * H + j, n);
-        }
+        gru_fwd_units<decltype(g)::value, scalar_t>(
+            gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), H, 0, hx, hy, ws, b, j0, j1);
       });
     });
   }
@@ -103,27 +176,66 @@ struct CpuCellKernels {
     const int64_t B = hy.size(0), H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
-      using V = Vectorized<scalar_t>;
-      using P = LstmPointwise<decltype(g)::value, V, VecMath>;
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
-        const scalar_t* ghb = gh.const_data_ptr<scalar_t>() + b * gh.stride(0);
-        const scalar_t* cb = cx.const_data_ptr<scalar_t>() + b * cx.stride(0);
-        scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
-        scalar_t* cyb = cy.data_ptr<scalar_t>() + b * cy.stride(0);
-        // ws may alias gi: each element is read before it is written.
-        scalar_t* wsb = ws.defined() ? ws.data_ptr<scalar_t>() + b * ws.stride(0) : nullptr;
-        for (int64_t j = j0; j < j1; j += V::size()) {
-          const int64_t n = std::min<int64_t>(V::size(), j1 - j);
-          V a[4];
-          for (int k = 0; k < 4; ++k) {
-            a[k] = load(gib + k * H + j, n) + load(ghb + k * H + j, n);
-            if (wsb) store(a[k], wsb + k * H + j, n);
-          }
-          V c_new;
-          const V h_new = P::forward(a[0], a[1], a[2], a[3], load(cb + j, n), c_new);
-          store(h_new, hyb + j, n);
-          store(c_new, cyb + j, n);
+        lstm_fwd_units<decltype(g)::value, scalar_t>(
+            gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), H, 0, cx, hy, cy, ws, b, j0, j1);
+      });
+    });
+  }
+
+  // The recurrent weight (chunks*H, H) and its bias (GRU: b_hh; LSTM: none, it is in the
+  // projection) as per-thread tiles for the fused step, for batches of about `batch` rows.
+  using Recurrent = RecurrentTiles;
+  static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                    int64_t chunks, int64_t batch) {
+    const int64_t H = w.size(1), unit = Vectorized<float>::size();
+    const int64_t by_work = std::max<int64_t>(1, batch * chunks * H * H / kMinTileWork);
+    const int64_t wanted = std::clamp<int64_t>(
+        std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), by_work), 1,
+        std::max<int64_t>(1, H / unit));
+    // Tiles of whole vectors of units, so every tile's pointwise loop runs on full vectors.
+    const int64_t U = at::ceil_div<int64_t>(at::ceil_div<int64_t>(H, wanted), unit) * unit;
+    Recurrent r;
+    for (int64_t u0 = 0; u0 < H; u0 += U) {
+      const int64_t n = std::min(U, H - u0);
+      std::vector<at::Tensor> rows, bias;
+      for (int64_t k = 0; k < chunks; ++k) {
+        rows.push_back(w.narrow(0, k * H + u0, n));
+        if (b) bias.push_back(b->narrow(0, k * H + u0, n));
+      }
+      r.w.push_back(onednn_pack(at::cat(rows), batch));
+      r.b.push_back(b ? std::optional<at::Tensor>(at::cat(bias)) : std::nullopt);
+      r.first.push_back(u0);
+    }
+    r.first.push_back(H);
+    return r;
+  }
+
+  // One fused step: hy = GRU(gi + h W_hhᵀ + b_hh) (gi: this step's input projection).
+  static void gru_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
+                           const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
+    dispatch(hy, gate, [&](auto g, auto s) {
+      using scalar_t = decltype(s);
+      for_each_tile(r, hx, [&](int64_t u0, int64_t u1, const at::Tensor& gh) {
+        for (int64_t b = 0; b < hy.size(0); ++b) {
+          gru_fwd_units<decltype(g)::value, scalar_t>(
+              gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), u1 - u0, u0, hx, hy, ws, b,
+              u0, u1);
+        }
+      });
+    });
+  }
+
+  static void lstm_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
+                            const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
+                            const at::Tensor& ws, Gate gate) {
+    dispatch(hy, gate, [&](auto g, auto s) {
+      using scalar_t = decltype(s);
+      for_each_tile(r, hx, [&](int64_t u0, int64_t u1, const at::Tensor& gh) {
+        for (int64_t b = 0; b < hy.size(0); ++b) {
+          lstm_fwd_units<decltype(g)::value, scalar_t>(
+              gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), u1 - u0, u0, cx, hy, cy, ws,
+              b, u0, u1);
         }
       });
     });

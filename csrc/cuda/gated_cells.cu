@@ -129,7 +129,7 @@ const scalar_t* ptr_or_null(const at::Tensor& t) {
 
 inline int64_t stride_or_zero(const at::Tensor& t) { return t.defined() ? t.stride(0) : 0; }
 
-struct CudaCellKernels {
+struct CudaCellKernels : StepByProduct<CudaCellKernels> {
   // The whole sequence's input projection is one product (csrc/gated_layers.h, seq::Projection).
   static constexpr int64_t kProjectionBytes = std::numeric_limits<int64_t>::max();
 
