@@ -41,17 +41,22 @@ def timed(forward, params, train):
 
 def floor(chunks, layers, x, H, train):
     """The products a layer stack cannot avoid, by the backend the native ops use (harness.linear):
-    the input projection of every step and the recurrent product of each step (weight
-    pre-packed); in training also the input gradient, each step's recurrent gradient, and the
-    two weight gradients over all steps (ATen's mm, as the native backward)."""
+    the input projection of every step (on the CPU in blocks of steps of at most 4 MiB of output,
+    weight pre-packed, as native makes it) and the recurrent product of each step (weight
+    pre-packed); in training also each step's recurrent gradient, the input gradient of every
+    layer but the first (the benchmark's input needs none, and native skips it too; through
+    harness.linear as the native backward), and the two weight gradients over all steps (ATen's mm,
+    as the native backward)."""
     T_, B, _ = x.shape
     dev = x.device
+    # Rows per projection block: csrc/cpu/gated_cells.cpp's kProjectionBytes, in whole steps.
+    block = T_ * B if dev.type != "cpu" else max(1, (4 << 20) // (chunks * H * 4 * B)) * B
     ws = []
     for k in range(layers):
         w_ih = torch.randn(chunks * H, x.shape[2] if k == 0 else H, device=dev)
         w_hh = torch.randn(chunks * H, H, device=dev)
-        ws.append((w_ih, w_ih.t().contiguous(), harness.pack(w_hh, B),
-                   harness.pack(w_hh.t().contiguous(), B)))
+        ws.append((harness.pack(w_ih, block) if block < T_ * B else w_ih, w_ih.t().contiguous(),
+                   harness.pack(w_hh, B), harness.pack(w_hh.t().contiguous(), B)))
     rows = x.reshape(T_ * B, -1)
     h = torch.randn(B, H, device=dev)
     d = torch.randn(T_ * B, chunks * H, device=dev)
@@ -59,12 +64,14 @@ def floor(chunks, layers, x, H, train):
 
     def run():
         inp = rows
-        for w_ih, w_ih_t, w_hh, w_hh_t in ws:
-            harness.linear(inp, w_ih)
+        for k, (w_ih, w_ih_t, w_hh, w_hh_t) in enumerate(ws):
+            for r in range(0, T_ * B, block):
+                harness.linear(inp[r:r + block], w_ih)
             for _ in range(T_):
                 harness.linear(h, w_hh)
             if train:
-                torch.mm(d, w_ih_t.t())
+                if k > 0:
+                    harness.linear(d, w_ih_t)
                 for t in range(T_):
                     harness.linear(d[t * B:(t + 1) * B], w_hh_t)
                 torch.mm(d.t(), inp)

@@ -17,8 +17,8 @@
 //   lstm_pointwise_bwd(dhy, dcy, gates, cx, cy, d_gates, dcx, gate)   dhy / dcy may be undefined
 // and the layers' forward step (csrc/gated_layers.h; StepByProduct there gives the plain one):
 //   Recurrent, recurrent_weight(w_hh, b_hh, chunks, batch): the recurrent weight for the steps
-//   gru_step_fwd(rec, gi, hx, hy, ws, gate)                 = gru_pointwise_fwd(gi, hx W_hhᵀ + b_hh, ...)
-//   lstm_step_fwd(rec, gi, hx, cx, hy, cy, ws, gate)        = lstm_pointwise_fwd(gi, hx W_hhᵀ, ...)
+//   gru_step_fwd(rec, gi, hx, hy, ws, gate):        gru_pointwise_fwd(gi, hx W_hhᵀ + b_hh, ...)
+//   lstm_step_fwd(rec, gi, hx, cx, hy, cy, ws, gate): lstm_pointwise_fwd(gi, hx W_hhᵀ, ...)
 // Workspace layouts: csrc/common/cells.h.
 #pragma once
 
