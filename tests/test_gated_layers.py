@@ -104,39 +104,57 @@ def test_packed_unsorted_matches_torch(kind, bidirectional, dtype):
         assert_close(a, b, scale=20)
 
 
+def matching_pair(kind, I, H, dtype, **kwargs):
+    """Our layer and torch's, with the same state_dict."""
+    ours_cls, torch_cls = LAYERS[kind]
+    theirs = torch_cls(I, H, dtype=dtype, **kwargs)
+    ours = ours_cls(I, H, dtype=dtype, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def run_sequence(module, x, lengths=None):
+    """The padded output (the input packed unsorted when lengths are given), the final states and
+    the gradients of a fixed projection of the output w.r.t. the input and every parameter."""
+    def as_input(t):
+        return t if lengths is None else pack_padded_sequence(t, lengths, enforce_sorted=False)
+
+    def padded(out):
+        return out if lengths is None else pad_packed_sequence(out)[0]
+
+    xl = leaf(x)
+    out, finals = module(as_input(xl))
+    out = padded(out)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=x.dtype).view_as(out)).sum()
+    grads = torch.autograd.grad(loss, [xl] + list(module.parameters()))
+    with torch.no_grad():
+        inference = padded(module(as_input(x))[0])
+    return out, as_tuple(finals), grads, inference
+
+
+def assert_runs_close(ours, theirs, grad_scale):
+    (oo, fo, go, io), (ot, ft, gt, it) = ours, theirs
+    assert_close(oo, ot, scale=2)
+    assert_close(io, it, scale=2)
+    for a, b in zip(fo, ft):
+        assert_close(a, b, scale=2)
+    for a, b in zip(go, gt):
+        assert_close(a, b, scale=grad_scale)
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
     # Sizes whose input projection exceeds the CPU block budget (4 MiB: csrc/cpu/gated_cells.cpp),
     # so it is made in several blocks, block edges falling inside the packed batch's shrinking.
-    ours_cls, torch_cls = LAYERS[kind]
     T, B, I, H = 100, 64, 16, 64
-    theirs = torch_cls(I, H, bidirectional=True, dtype=dtype)
-    ours = ours_cls(I, H, bidirectional=True, dtype=dtype)
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
     x = torch.randn(T, B, I, dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
-    results = []
-    for module in (ours, theirs):
-        xl = leaf(x)
-        inp = pack_padded_sequence(xl, lengths, enforce_sorted=False) if packed else xl
-        out, finals = module(inp)
-        out = pad_packed_sequence(out)[0] if packed else out
-        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum()
-        grads = torch.autograd.grad(loss, [xl] + list(module.parameters()))
-        with torch.no_grad():
-            inference = module(inp)[0]
-        inference = pad_packed_sequence(inference)[0] if packed else inference
-        results.append((out, as_tuple(finals), grads, inference))
-    (oo, fo, go, io), (ot, ft, gt, it) = results
-    assert_close(oo, ot, scale=2)
-    assert_close(io, it, scale=2)
-    for a, b in zip(fo, ft):
-        assert_close(a, b, scale=2)
-    for a, b in zip(go, gt):
-        assert_close(a, b, scale=100)
+    lengths = lengths if packed else None
+    assert_runs_close(run_sequence(ours, x, lengths), run_sequence(theirs, x, lengths), 100)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -147,33 +165,18 @@ def test_steps_cut_in_thread_tiles_match_torch(kind, dtype, threads):
     # units per thread (RecurrentTiles, csrc/cpu/gated_cells.cpp): H = 204 is no multiple of the
     # vector width (4 to 16 lanes), so the last tile ends in a partial vector; packed, unsorted,
     # both directions.
-    ours_cls, torch_cls = LAYERS[kind]
     T, B, I, H = 6, 32, 24, 204
-    theirs = torch_cls(I, H, bidirectional=True, dtype=dtype)
-    ours = ours_cls(I, H, bidirectional=True, dtype=dtype)
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
     x = torch.randn(T, B, I, dtype=dtype)
     lengths = torch.randint(1, T + 1, (B,))
     lengths[3] = T
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        results = []
-        for module in (ours, theirs):
-            xl = leaf(x)
-            out, finals = module(pack_padded_sequence(xl, lengths, enforce_sorted=False))
-            out = pad_packed_sequence(out)[0]
-            loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum()
-            grads = torch.autograd.grad(loss, [xl] + list(module.parameters()))
-            results.append((out, as_tuple(finals), grads))
+        results = [run_sequence(m, x, lengths) for m in (ours, theirs)]
     finally:
         torch.set_num_threads(before)
-    (oo, fo, go), (ot, ft, gt) = results
-    assert_close(oo, ot, scale=2)
-    for a, b in zip(fo, ft):
-        assert_close(a, b, scale=2)
-    for a, b in zip(go, gt):
-        assert_close(a, b, scale=20)
+    assert_runs_close(*results, 20)
 
 
 def weights_of(module):

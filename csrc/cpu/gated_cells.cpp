@@ -34,10 +34,10 @@ void gru_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64_
   using V = Vectorized<scalar_t>;
   using P = GruPointwise<G, V, VecMath>;
   const int64_t H = hy.size(1);
-  const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
-  const scalar_t* hb = hx.const_data_ptr<scalar_t>() + b * hx.stride(0);
-  scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
-  scalar_t* wsb = ws.data_ptr<scalar_t>() + b * ws.stride(0);
+  const scalar_t* gib = row_in<scalar_t>(gi, b);
+  const scalar_t* hb = row_in<scalar_t>(hx, b);
+  scalar_t* hyb = row_out<scalar_t>(hy, b);
+  scalar_t* wsb = row_out<scalar_t>(ws, b);
   for (int64_t j = j0; j < j1; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), j1 - j);
     const scalar_t* ghj = ghb + (j - g0);
@@ -61,11 +61,11 @@ void lstm_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64
   using V = Vectorized<scalar_t>;
   using P = LstmPointwise<G, V, VecMath>;
   const int64_t H = hy.size(1);
-  const scalar_t* gib = gi.const_data_ptr<scalar_t>() + b * gi.stride(0);
-  const scalar_t* cb = cx.const_data_ptr<scalar_t>() + b * cx.stride(0);
-  scalar_t* hyb = hy.data_ptr<scalar_t>() + b * hy.stride(0);
-  scalar_t* cyb = cy.data_ptr<scalar_t>() + b * cy.stride(0);
-  scalar_t* wsb = ws.defined() ? ws.data_ptr<scalar_t>() + b * ws.stride(0) : nullptr;
+  const scalar_t* gib = row_in<scalar_t>(gi, b);
+  const scalar_t* cb = row_in<scalar_t>(cx, b);
+  scalar_t* hyb = row_out<scalar_t>(hy, b);
+  scalar_t* cyb = row_out<scalar_t>(cy, b);
+  scalar_t* wsb = ws.defined() ? row_out<scalar_t>(ws, b) : nullptr;
   for (int64_t j = j0; j < j1; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), j1 - j);
     const scalar_t* ghj = ghb + (j - g0);
@@ -100,13 +100,17 @@ struct RecurrentTiles {
 // less than handing it to a thread.
 constexpr int64_t kMinTileWork = int64_t{1} << 20;
 
-// Calls fn(u0, u1, h W_tileᵀ + b_tile) for every tile, one tile per thread. Inside the parallel
-// region oneDNN runs each product on its calling thread.
-template <class F>
-void for_each_tile(const RecurrentTiles& r, const at::Tensor& h, const F& fn) {
+// For every tile, one tile per thread: its product gh = h W_tileᵀ + b_tile, then fn(b, u0, u1,
+// row b of gh) for each row, as parallel_segments calls its fn. Inside the parallel region oneDNN
+// runs each product on its calling thread.
+template <class scalar_t, class F>
+void for_each_tile_row(const RecurrentTiles& r, const at::Tensor& h, const F& fn) {
   at::parallel_for(0, r.tiles(), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      fn(r.first[t], r.first[t + 1], onednn_linear(h, r.w[t], r.b[t]));
+      const at::Tensor gh = onednn_linear(h, r.w[t], r.b[t]);
+      for (int64_t b = 0; b < h.size(0); ++b) {
+        fn(b, r.first[t], r.first[t + 1], row_in<scalar_t>(gh, b));
+      }
     }
   });
 }
@@ -134,8 +138,8 @@ struct CpuCellKernels {
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        gru_fwd_units<decltype(g)::value, scalar_t>(
-            gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), H, 0, hx, hy, ws, b, j0, j1);
+        gru_fwd_units<decltype(g)::value, scalar_t>(gi, row_in<scalar_t>(gh, b), H, 0, hx, hy, ws,
+                                                    b, j0, j1);
       });
     });
   }
@@ -149,12 +153,12 @@ struct CpuCellKernels {
       using V = Vectorized<scalar_t>;
       using P = GruPointwise<decltype(g)::value, V, VecMath>;
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const scalar_t* dhyb = dhy.const_data_ptr<scalar_t>() + b * dhy.stride(0);
-        const scalar_t* hb = hx.const_data_ptr<scalar_t>() + b * hx.stride(0);
-        const scalar_t* wsb = ws.const_data_ptr<scalar_t>() + b * ws.stride(0);
-        scalar_t* dgib = d_gi.data_ptr<scalar_t>() + b * d_gi.stride(0);
-        scalar_t* dghb = d_gh.data_ptr<scalar_t>() + b * d_gh.stride(0);
-        scalar_t* dhb = dh.data_ptr<scalar_t>() + b * dh.stride(0);
+        const scalar_t* dhyb = row_in<scalar_t>(dhy, b);
+        const scalar_t* hb = row_in<scalar_t>(hx, b);
+        const scalar_t* wsb = row_in<scalar_t>(ws, b);
+        scalar_t* dgib = row_out<scalar_t>(d_gi, b);
+        scalar_t* dghb = row_out<scalar_t>(d_gh, b);
+        scalar_t* dhb = row_out<scalar_t>(dh, b);
         for (int64_t j = j0; j < j1; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), j1 - j);
           const typename P::Saved sv{load(wsb + j, n), load(wsb + H + j, n),
@@ -179,8 +183,8 @@ struct CpuCellKernels {
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        lstm_fwd_units<decltype(g)::value, scalar_t>(
-            gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), H, 0, cx, hy, cy, ws, b, j0, j1);
+        lstm_fwd_units<decltype(g)::value, scalar_t>(gi, row_in<scalar_t>(gh, b), H, 0, cx, hy, cy,
+                                                     ws, b, j0, j1);
       });
     });
   }
@@ -218,12 +222,8 @@ struct CpuCellKernels {
                            const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
-      for_each_tile(r, hx, [&](int64_t u0, int64_t u1, const at::Tensor& gh) {
-        for (int64_t b = 0; b < hy.size(0); ++b) {
-          gru_fwd_units<decltype(g)::value, scalar_t>(
-              gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), u1 - u0, u0, hx, hy, ws, b,
-              u0, u1);
-        }
+      for_each_tile_row<scalar_t>(r, hx, [&](int64_t b, int64_t u0, int64_t u1, const auto* ghb) {
+        gru_fwd_units<decltype(g)::value, scalar_t>(gi, ghb, u1 - u0, u0, hx, hy, ws, b, u0, u1);
       });
     });
   }
@@ -233,12 +233,9 @@ struct CpuCellKernels {
                             const at::Tensor& ws, Gate gate) {
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
-      for_each_tile(r, hx, [&](int64_t u0, int64_t u1, const at::Tensor& gh) {
-        for (int64_t b = 0; b < hy.size(0); ++b) {
-          lstm_fwd_units<decltype(g)::value, scalar_t>(
-              gi, gh.const_data_ptr<scalar_t>() + b * gh.stride(0), u1 - u0, u0, cx, hy, cy, ws,
-              b, u0, u1);
-        }
+      for_each_tile_row<scalar_t>(r, hx, [&](int64_t b, int64_t u0, int64_t u1, const auto* ghb) {
+        lstm_fwd_units<decltype(g)::value, scalar_t>(gi, ghb, u1 - u0, u0, cx, hy, cy, ws, b, u0,
+                                                     u1);
       });
     });
   }
@@ -254,15 +251,13 @@ struct CpuCellKernels {
       using P = LstmPointwise<decltype(g)::value, V, VecMath>;
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
         // An undefined incoming gradient is zero (that output was not used).
-        const scalar_t* dhyb =
-            dhy.defined() ? dhy.const_data_ptr<scalar_t>() + b * dhy.stride(0) : nullptr;
-        const scalar_t* dcyb =
-            dcy.defined() ? dcy.const_data_ptr<scalar_t>() + b * dcy.stride(0) : nullptr;
-        const scalar_t* ab = gates.const_data_ptr<scalar_t>() + b * gates.stride(0);
-        const scalar_t* cb = cx.const_data_ptr<scalar_t>() + b * cx.stride(0);
-        const scalar_t* cyb = cy.const_data_ptr<scalar_t>() + b * cy.stride(0);
-        scalar_t* dab = d_gates.data_ptr<scalar_t>() + b * d_gates.stride(0);
-        scalar_t* dcb = dcx.data_ptr<scalar_t>() + b * dcx.stride(0);
+        const scalar_t* dhyb = row_in<scalar_t>(dhy, b);
+        const scalar_t* dcyb = row_in<scalar_t>(dcy, b);
+        const scalar_t* ab = row_in<scalar_t>(gates, b);
+        const scalar_t* cb = row_in<scalar_t>(cx, b);
+        const scalar_t* cyb = row_in<scalar_t>(cy, b);
+        scalar_t* dab = row_out<scalar_t>(d_gates, b);
+        scalar_t* dcb = row_out<scalar_t>(dcx, b);
         for (int64_t j = j0; j < j1; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), j1 - j);
           const V dh_in = dhyb ? load(dhyb + j, n) : V(0);

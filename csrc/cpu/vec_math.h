@@ -43,6 +43,18 @@ inline void store(const Vectorized<scalar_t>& v, scalar_t* p, int64_t n) {
   v.store(p, static_cast<int>(n));
 }
 
+// Row b of a 2-D tensor with unit column stride, to read (null when t is undefined: an absent
+// input) or to write.
+template <class scalar_t>
+inline const scalar_t* row_in(const at::Tensor& t, int64_t b) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() + b * t.stride(0) : nullptr;
+}
+
+template <class scalar_t>
+inline scalar_t* row_out(const at::Tensor& t, int64_t b) {
+  return t.data_ptr<scalar_t>() + b * t.stride(0);
+}
+
 // Elements per task: the gate math costs tens of flops an element, so smaller than ATen's
 // default grain for a plain add.
 constexpr int64_t kPointwiseGrain = 4096;
