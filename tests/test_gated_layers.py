@@ -160,10 +160,11 @@ def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_steps_cut_in_thread_tiles_match_torch(kind, dtype, threads):
-    # Big enough steps that the CPU forward cuts the recurrent product into one tile of hidden
-    # units per thread (RecurrentTiles, csrc/cpu/gated_cells.cpp): H = 204 is no multiple of the
-    # vector width (4 to 16 lanes), so the last tile ends in a partial vector; packed, unsorted,
+def test_steps_split_over_threads_match_torch(kind, dtype, threads):
+    # Steps big enough that the CPU forward's recurrent product (csrc/cpu/recurrent_product.h)
+    # splits the hidden units over threads, one vector of units per group: H = 204 is no multiple
+    # of the vector width (4 to 16 lanes), so the last group is partial; B = 32 is no multiple of
+    # the kernel's block of rows, and the packed, unsorted lengths shrink the batch step by step;
     # both directions.
     T, B, I, H = 6, 32, 24, 204
     ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)

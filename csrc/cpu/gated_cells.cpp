@@ -2,16 +2,15 @@
 // the cell and layer ops, which are written once for every device in csrc/gated_cells.h and
 // csrc/gated_layers.h on top of these kernels.
 #include <ATen/Dispatch.h>
-#include <ATen/ceil_div.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
-#include <vector>
 
 #include "../common/cells.h"
 #include "../gated_registration.h"
 #include "onednn_linear.h"
+#include "recurrent_product.h"
 #include "vec_math.h"
 
 namespace mapopt::cpu {
@@ -24,20 +23,15 @@ void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
   });
 }
 
-// The forward pointwise math of row b's hidden units [j0, j1). gh's gate k of unit j is at
-// ghb[k * gs + j - g0]: gs = H, g0 = 0 for the whole (B, chunks*H) product, or the tile's units and
-// first unit for one tile of the fused step (RecurrentTiles).
+// The forward pointwise math of one row's hidden units [j0, j1) (row pointers; H hidden units).
+// gh's gate k of unit j is at ghb[k * gs + j - g0]: gs = H, g0 = 0 for a whole (B, chunks*H)
+// product row, or gs = L, g0 = j0 for a block of the fused step (recurrent_product.h).
 template <Gate G, class scalar_t>
-void gru_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64_t g0,
-                   const at::Tensor& hx, const at::Tensor& hy, const at::Tensor& ws, int64_t b,
-                   int64_t j0, int64_t j1) {
+void gru_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_t g0,
+                   const scalar_t* hb, scalar_t* hyb, scalar_t* wsb, int64_t H, int64_t j0,
+                   int64_t j1) {
   using V = Vectorized<scalar_t>;
   using P = GruPointwise<G, V, VecMath>;
-  const int64_t H = hy.size(1);
-  const scalar_t* gib = row_in<scalar_t>(gi, b);
-  const scalar_t* hb = row_in<scalar_t>(hx, b);
-  scalar_t* hyb = row_out<scalar_t>(hy, b);
-  scalar_t* wsb = row_out<scalar_t>(ws, b);
   for (int64_t j = j0; j < j1; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), j1 - j);
     const scalar_t* ghj = ghb + (j - g0);
@@ -53,19 +47,13 @@ void gru_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64_
   }
 }
 
-// ws may be undefined (inference) or alias gi: each element is read before it is written.
+// wsb may be null (inference) or alias gib: each element is read before it is written.
 template <Gate G, class scalar_t>
-void lstm_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64_t g0,
-                    const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
-                    const at::Tensor& ws, int64_t b, int64_t j0, int64_t j1) {
+void lstm_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_t g0,
+                    const scalar_t* cb, scalar_t* hyb, scalar_t* cyb, scalar_t* wsb, int64_t H,
+                    int64_t j0, int64_t j1) {
   using V = Vectorized<scalar_t>;
   using P = LstmPointwise<G, V, VecMath>;
-  const int64_t H = hy.size(1);
-  const scalar_t* gib = row_in<scalar_t>(gi, b);
-  const scalar_t* cb = row_in<scalar_t>(cx, b);
-  scalar_t* hyb = row_out<scalar_t>(hy, b);
-  scalar_t* cyb = row_out<scalar_t>(cy, b);
-  scalar_t* wsb = ws.defined() ? row_out<scalar_t>(ws, b) : nullptr;
   for (int64_t j = j0; j < j1; j += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), j1 - j);
     const scalar_t* ghj = ghb + (j - g0);
@@ -79,40 +67,6 @@ void lstm_fwd_units(const at::Tensor& gi, const scalar_t* ghb, int64_t gs, int64
     store(h_new, hyb + j, n);
     store(c_new, cyb + j, n);
   }
-}
-
-// A layer's recurrent weight cut into one tile of hidden units per thread, each tile holding its
-// units' rows of every gate block, packed for oneDNN. A fused step computes, on each thread, its
-// tile's product (B, chunks*U) and at once the pointwise math of those U units: no barrier
-// between product and pointwise, the pointwise reads the product from the core's own cache, and
-// each core keeps only its part of the weight. Measured against product-then-pointwise (T = 100,
-// 2 threads): 0-10% faster per layer. Small steps make one tile: the product runs on every
-// thread, then the pointwise math inline, without a parallel region of its own (LSTM, B = 8,
-// H = 128: 5.3 -> 4.4 ms).
-struct RecurrentTiles {
-  std::vector<at::Tensor> w;                // (chunks*U_i, H) packed
-  std::vector<std::optional<at::Tensor>> b;  // (chunks*U_i) or none
-  std::vector<int64_t> first;               // first unit of each tile, then H
-  int64_t tiles() const { return static_cast<int64_t>(w.size()); }
-};
-
-// Multiply-adds per tile below which a step is cut into fewer tiles: a tile's product then costs
-// less than handing it to a thread.
-constexpr int64_t kMinTileWork = int64_t{1} << 20;
-
-// For every tile, one tile per thread: its product gh = h W_tileᵀ + b_tile, then fn(b, u0, u1,
-// row b of gh) for each row, as parallel_segments calls its fn. Inside the parallel region oneDNN
-// runs each product on its calling thread.
-template <class scalar_t, class F>
-void for_each_tile_row(const RecurrentTiles& r, const at::Tensor& h, const F& fn) {
-  at::parallel_for(0, r.tiles(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const at::Tensor gh = onednn_linear(h, r.w[t], r.b[t]);
-      for (int64_t b = 0; b < h.size(0); ++b) {
-        fn(b, r.first[t], r.first[t + 1], row_in<scalar_t>(gh, b));
-      }
-    }
-  });
 }
 
 struct CpuCellKernels {
@@ -137,9 +91,12 @@ struct CpuCellKernels {
     const int64_t B = hy.size(0), H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
+      const auto gi_r = rows_in<scalar_t>(gi), gh_r = rows_in<scalar_t>(gh);
+      const auto h_r = rows_in<scalar_t>(hx);
+      const auto hy_r = rows_out<scalar_t>(hy), ws_r = rows_out<scalar_t>(ws);
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        gru_fwd_units<decltype(g)::value, scalar_t>(gi, row_in<scalar_t>(gh, b), H, 0, hx, hy, ws,
-                                                    b, j0, j1);
+        gru_fwd_units<decltype(g)::value>(gi_r[b], gh_r[b], H, 0, h_r[b], hy_r[b], ws_r[b], H, j0,
+                                          j1);
       });
     });
   }
@@ -152,13 +109,17 @@ struct CpuCellKernels {
       using scalar_t = decltype(s);
       using V = Vectorized<scalar_t>;
       using P = GruPointwise<decltype(g)::value, V, VecMath>;
+      const auto dhy_r = rows_in<scalar_t>(dhy), h_r = rows_in<scalar_t>(hx);
+      const auto ws_r = rows_in<scalar_t>(ws);
+      const auto d_gi_r = rows_out<scalar_t>(d_gi), d_gh_r = rows_out<scalar_t>(d_gh);
+      const auto dh_r = rows_out<scalar_t>(dh);
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        const scalar_t* dhyb = row_in<scalar_t>(dhy, b);
-        const scalar_t* hb = row_in<scalar_t>(hx, b);
-        const scalar_t* wsb = row_in<scalar_t>(ws, b);
-        scalar_t* dgib = row_out<scalar_t>(d_gi, b);
-        scalar_t* dghb = row_out<scalar_t>(d_gh, b);
-        scalar_t* dhb = row_out<scalar_t>(dh, b);
+        const scalar_t* dhyb = dhy_r[b];
+        const scalar_t* hb = h_r[b];
+        const scalar_t* wsb = ws_r[b];
+        scalar_t* dgib = d_gi_r[b];
+        scalar_t* dghb = d_gh_r[b];
+        scalar_t* dhb = dh_r[b];
         for (int64_t j = j0; j < j1; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), j1 - j);
           const typename P::Saved sv{load(wsb + j, n), load(wsb + H + j, n),
@@ -182,48 +143,43 @@ struct CpuCellKernels {
     const int64_t B = hy.size(0), H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
+      const auto gi_r = rows_in<scalar_t>(gi), gh_r = rows_in<scalar_t>(gh);
+      const auto c_r = rows_in<scalar_t>(cx);
+      const auto hy_r = rows_out<scalar_t>(hy), cy_r = rows_out<scalar_t>(cy);
+      const auto ws_r = rows_out<scalar_t>(ws);
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        lstm_fwd_units<decltype(g)::value, scalar_t>(gi, row_in<scalar_t>(gh, b), H, 0, cx, hy, cy,
-                                                     ws, b, j0, j1);
+        lstm_fwd_units<decltype(g)::value>(gi_r[b], gh_r[b], H, 0, c_r[b], hy_r[b], cy_r[b],
+                                           ws_r[b], H, j0, j1);
       });
     });
   }
 
-  // The recurrent weight (chunks*H, H) and its bias (GRU: b_hh; LSTM: none, it is in the
-  // projection) as per-thread tiles for the fused step, for batches of about `batch` rows.
-  using Recurrent = RecurrentTiles;
+  // The layers' forward step: the recurrent product by recurrent_product.h's kernel, each block's
+  // pointwise math right after it. rec packs W_hh (chunks*H, H) and b_hh (GRU; the LSTM's is in
+  // the projection).
+  using Recurrent = PackedRecurrent;
   static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
-                                    int64_t chunks, int64_t batch) {
-    const int64_t H = w.size(1), unit = Vectorized<float>::size();
-    const int64_t by_work = std::max<int64_t>(1, batch * chunks * H * H / kMinTileWork);
-    const int64_t wanted = std::clamp<int64_t>(
-        std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), by_work), 1,
-        std::max<int64_t>(1, H / unit));
-    // Tiles of whole vectors of units, so every tile's pointwise loop runs on full vectors.
-    const int64_t U = at::ceil_div<int64_t>(at::ceil_div<int64_t>(H, wanted), unit) * unit;
+                                    int64_t chunks, int64_t /*batch*/) {
     Recurrent r;
-    for (int64_t u0 = 0; u0 < H; u0 += U) {
-      const int64_t n = std::min(U, H - u0);
-      std::vector<at::Tensor> rows, bias;
-      for (int64_t k = 0; k < chunks; ++k) {
-        rows.push_back(w.narrow(0, k * H + u0, n));
-        if (b) bias.push_back(b->narrow(0, k * H + u0, n));
-      }
-      r.w.push_back(onednn_pack(at::cat(rows), batch));
-      r.b.push_back(b ? std::optional<at::Tensor>(at::cat(bias)) : std::nullopt);
-      r.first.push_back(u0);
-    }
-    r.first.push_back(H);
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mapopt_native recurrent weight", [&] {
+      r = pack_recurrent<scalar_t>(w, b, chunks);
+    });
     return r;
   }
 
-  // One fused step: hy = GRU(gi + h W_hhᵀ + b_hh) (gi: this step's input projection).
+  // hy = GRU(gi + h W_hhᵀ + b_hh) (gi: this step's input projection).
   static void gru_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
                            const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
+    const int64_t H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
-      for_each_tile_row<scalar_t>(r, hx, [&](int64_t b, int64_t u0, int64_t u1, const auto* ghb) {
-        gru_fwd_units<decltype(g)::value, scalar_t>(gi, ghb, u1 - u0, u0, hx, hy, ws, b, u0, u1);
+      constexpr int64_t L = Vectorized<scalar_t>::size();
+      const auto gi_r = rows_in<scalar_t>(gi), h_r = rows_in<scalar_t>(hx);
+      const auto hy_r = rows_out<scalar_t>(hy), ws_r = rows_out<scalar_t>(ws);
+      for_each_product_row<3, scalar_t>(r, hx, [&](int64_t b, int64_t j0, int64_t j1,
+                                                   const scalar_t* ghb) {
+        gru_fwd_units<decltype(g)::value>(gi_r[b], ghb, L, j0, h_r[b], hy_r[b], ws_r[b], H, j0,
+                                          j1);
       });
     });
   }
@@ -231,11 +187,17 @@ struct CpuCellKernels {
   static void lstm_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
                             const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
                             const at::Tensor& ws, Gate gate) {
+    const int64_t H = hy.size(1);
     dispatch(hy, gate, [&](auto g, auto s) {
       using scalar_t = decltype(s);
-      for_each_tile_row<scalar_t>(r, hx, [&](int64_t b, int64_t u0, int64_t u1, const auto* ghb) {
-        lstm_fwd_units<decltype(g)::value, scalar_t>(gi, ghb, u1 - u0, u0, cx, hy, cy, ws, b, u0,
-                                                     u1);
+      constexpr int64_t L = Vectorized<scalar_t>::size();
+      const auto gi_r = rows_in<scalar_t>(gi), c_r = rows_in<scalar_t>(cx);
+      const auto hy_r = rows_out<scalar_t>(hy), cy_r = rows_out<scalar_t>(cy);
+      const auto ws_r = rows_out<scalar_t>(ws);
+      for_each_product_row<4, scalar_t>(r, hx, [&](int64_t b, int64_t j0, int64_t j1,
+                                                   const scalar_t* ghb) {
+        lstm_fwd_units<decltype(g)::value>(gi_r[b], ghb, L, j0, c_r[b], hy_r[b], cy_r[b], ws_r[b],
+                                           H, j0, j1);
       });
     });
   }
@@ -249,15 +211,19 @@ struct CpuCellKernels {
       using scalar_t = decltype(s);
       using V = Vectorized<scalar_t>;
       using P = LstmPointwise<decltype(g)::value, V, VecMath>;
+      const auto dhy_r = rows_in<scalar_t>(dhy), dcy_r = rows_in<scalar_t>(dcy);
+      const auto a_r = rows_in<scalar_t>(gates), c_r = rows_in<scalar_t>(cx);
+      const auto cy_r = rows_in<scalar_t>(cy);
+      const auto da_r = rows_out<scalar_t>(d_gates), dc_r = rows_out<scalar_t>(dcx);
       parallel_segments(B, H, [&](int64_t b, int64_t j0, int64_t j1) {
         // An undefined incoming gradient is zero (that output was not used).
-        const scalar_t* dhyb = row_in<scalar_t>(dhy, b);
-        const scalar_t* dcyb = row_in<scalar_t>(dcy, b);
-        const scalar_t* ab = row_in<scalar_t>(gates, b);
-        const scalar_t* cb = row_in<scalar_t>(cx, b);
-        const scalar_t* cyb = row_in<scalar_t>(cy, b);
-        scalar_t* dab = row_out<scalar_t>(d_gates, b);
-        scalar_t* dcb = row_out<scalar_t>(dcx, b);
+        const scalar_t* dhyb = dhy_r[b];
+        const scalar_t* dcyb = dcy_r[b];
+        const scalar_t* ab = a_r[b];
+        const scalar_t* cb = c_r[b];
+        const scalar_t* cyb = cy_r[b];
+        scalar_t* dab = da_r[b];
+        scalar_t* dcb = dc_r[b];
         for (int64_t j = j0; j < j1; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), j1 - j);
           const V dh_in = dhyb ? load(dhyb + j, n) : V(0);

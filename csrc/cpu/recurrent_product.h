@@ -1,0 +1,139 @@
+// The recurrent product of a layer's forward step on the CPU, h W_hhᵀ (+ b_hh), by our own
+// register-blocked kernel, handing each block of gate pre-activations straight to the pointwise
+// math while it is in L1.
+//
+// Why not oneDNN, as for the other products: a step's product is small (B rows), so oneDNN's call
+// through ATen costs about 20 us, and its output, a fresh (B, chunks*H) tensor every step, is
+// first-touched memory that glibc keeps handing back to the kernel: at T = 100, B = 64, H = 512 the
+// page faults alone cost more than the LSTM's whole pointwise math. This kernel makes the product
+// at the same rate as oneDNN (110 GFLOP/s a core on Zen 4 at that size), allocates nothing per
+// step and writes no product to memory.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/ceil_div.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+#include "vec_math.h"
+
+namespace mapopt::cpu {
+
+// Vector registers of the SIMD level: a block keeps rows x chunks accumulators, one weight vector
+// per gate and the broadcast value of h.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
+template <int chunks>
+constexpr int block_rows() {
+  return std::max(1, (kVectorRegisters - chunks - 2) / chunks);
+}
+
+// Multiply-adds per task below which fewer threads share a step: a smaller task costs less than
+// handing it to a thread.
+constexpr int64_t kMinStepWork = int64_t{1} << 20;
+
+// W_hh (chunks*H, H) regrouped by vectors of hidden units: group g holds, for every k, the
+// weights of units [g L, g L + L) of each gate, as `chunks` consecutive vectors
+// (w[g][k][gate][lane], L = Vectorized<scalar_t>::size()); the bias likewise b[g][gate][lane].
+// Units past H (the last group's tail) have zero weights.
+struct PackedRecurrent {
+  at::Tensor w;  // (groups, H, chunks, L)
+  at::Tensor b;  // (groups, chunks, L), or undefined
+  int64_t hidden = 0;
+  int64_t chunks = 0;
+  int64_t groups() const { return w.size(0); }
+};
+
+template <class scalar_t>
+PackedRecurrent pack_recurrent(const at::Tensor& w, const std::optional<at::Tensor>& b,
+                               int64_t chunks) {
+  const int64_t L = Vectorized<scalar_t>::size(), H = w.size(1);
+  const int64_t groups = at::ceil_div(H, L);
+  // (chunks*H, cols) -> (groups, cols, chunks, L), zero-padding units to groups*L.
+  auto regroup = [&](const at::Tensor& t, int64_t cols) {
+    at::Tensor padded = at::zeros({chunks, groups * L, cols}, t.options());
+    padded.narrow(1, 0, H).copy_(t.reshape({chunks, H, cols}));
+    return padded.view({chunks, groups, L, cols}).permute({1, 3, 0, 2}).contiguous();
+  };
+  PackedRecurrent r;
+  r.w = regroup(w, H);
+  if (b) r.b = regroup(b->view({chunks * H, 1}), 1).view({groups, chunks, L});
+  r.hidden = H;
+  r.chunks = chunks;
+  return r;
+}
+
+// out[r][c][lane] = b[c][lane] + sum_k h[r][k] w[k][c][lane] for R rows of h (row stride ldh)
+// against one group's weights; out holds R * C vectors.
+template <int C, int R, class scalar_t>
+void product_block(const scalar_t* h, int64_t ldh, const scalar_t* w, const scalar_t* b,
+                   int64_t K, scalar_t* out) {
+  using V = Vectorized<scalar_t>;
+  constexpr int L = V::size();
+  V acc[R][C];
+  for (int c = 0; c < C; ++c) {
+    const V init = b ? V::loadu(b + c * L) : V(scalar_t(0));
+    for (int r = 0; r < R; ++r) acc[r][c] = init;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V wk[C];
+    for (int c = 0; c < C; ++c) wk[c] = V::loadu(w + (k * C + c) * L);
+    for (int r = 0; r < R; ++r) {
+      const V a(h[r * ldh + k]);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(a, wk[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c].store(out + (r * C + c) * L);
+  }
+}
+
+// product_block for a run-time row count 1 <= rows <= block_rows<C>().
+template <int C, class scalar_t, int... R>
+void product_rows(int rows, const scalar_t* h, int64_t ldh, const scalar_t* w, const scalar_t* b,
+                  int64_t K, scalar_t* out, std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const scalar_t*, int64_t, const scalar_t*, const scalar_t*, int64_t,
+                      scalar_t*);
+  static constexpr Fn kByRows[] = {&product_block<C, R + 1, scalar_t>...};
+  kByRows[rows - 1](h, ldh, w, b, K, out);
+}
+
+// For the (n, H) states h: the product h W_hhᵀ + b_hh, one group of units and a block of rows at
+// a time, split over threads by groups; after each block, fn(row, j0, j1, p) for each of its rows,
+// where units [j0, j1) are the group's and gate c of unit j is at p[c * L + j - j0].
+template <int C, class scalar_t, class F>
+void for_each_product_row(const PackedRecurrent& rec, const at::Tensor& h, const F& fn) {
+  using V = Vectorized<scalar_t>;
+  constexpr int L = V::size();
+  constexpr int MR = block_rows<C>();
+  TORCH_INTERNAL_ASSERT(rec.chunks == C && h.size(1) == rec.hidden);
+  const at::Tensor hc = h.contiguous();
+  const int64_t n = hc.size(0), H = rec.hidden;
+  const scalar_t* hp = hc.const_data_ptr<scalar_t>();
+  const scalar_t* wp = rec.w.const_data_ptr<scalar_t>();
+  const scalar_t* bp = rec.b.defined() ? rec.b.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, kMinStepWork / std::max<int64_t>(1, n * H * C * L));
+  at::parallel_for(0, rec.groups(), grain, [&](int64_t g0, int64_t g1) {
+    alignas(64) scalar_t block[MR * C * L];
+    for (int64_t g = g0; g < g1; ++g) {
+      const scalar_t* wg = wp + g * H * C * L;
+      const scalar_t* bg = bp ? bp + g * C * L : nullptr;
+      const int64_t j0 = g * L, j1 = std::min(H, j0 + L);
+      for (int64_t m = 0; m < n; m += MR) {
+        const int rows = static_cast<int>(std::min<int64_t>(MR, n - m));
+        product_rows<C>(rows, hp + m * H, H, wg, bg, H, block,
+                        std::make_integer_sequence<int, MR>{});
+        for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
+      }
+    }
+  });
+}
+
+}  // namespace mapopt::cpu
