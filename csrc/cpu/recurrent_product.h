@@ -51,20 +51,41 @@ struct PackedRecurrent {
   int64_t groups() const { return w.size(0); }
 };
 
+// (chunks*H, cols) rows regrouped into (groups, cols, chunks, L) as PackedRecurrent lays them
+// out, units past H zero: one pass, each group's block filled while it is in cache.
+template <class scalar_t>
+at::Tensor regroup_units(const at::Tensor& t, int64_t chunks, int64_t H) {
+  constexpr int64_t L = Vectorized<scalar_t>::size();
+  const at::Tensor src = t.contiguous();
+  const int64_t groups = at::ceil_div(H, L), cols = src.size(1);
+  at::Tensor packed = at::empty({groups, cols, chunks, L}, src.options());
+  const scalar_t* from = src.const_data_ptr<scalar_t>();
+  scalar_t* to = packed.data_ptr<scalar_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t lane = 0; lane < L; ++lane) {
+          const int64_t unit = g * L + lane;
+          const scalar_t* row = unit < H ? from + (c * H + unit) * cols : nullptr;
+          scalar_t* dst = to + (g * cols * chunks + c) * L + lane;
+          for (int64_t k = 0; k < cols; ++k) dst[k * chunks * L] = row ? row[k] : scalar_t(0);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
 template <class scalar_t>
 PackedRecurrent pack_recurrent(const at::Tensor& w, const std::optional<at::Tensor>& b,
                                int64_t chunks) {
-  const int64_t L = Vectorized<scalar_t>::size(), H = w.size(1);
-  const int64_t groups = at::ceil_div(H, L);
-  // (chunks*H, cols) -> (groups, cols, chunks, L), zero-padding units to groups*L.
-  auto regroup = [&](const at::Tensor& t, int64_t cols) {
-    at::Tensor padded = at::zeros({chunks, groups * L, cols}, t.options());
-    padded.narrow(1, 0, H).copy_(t.reshape({chunks, H, cols}));
-    return padded.view({chunks, groups, L, cols}).permute({1, 3, 0, 2}).contiguous();
-  };
+  constexpr int64_t L = Vectorized<scalar_t>::size();
+  const int64_t H = w.size(1);
   PackedRecurrent r;
-  r.w = regroup(w, H);
-  if (b) r.b = regroup(b->view({chunks * H, 1}), 1).view({groups, chunks, L});
+  r.w = regroup_units<scalar_t>(w, chunks, H);
+  if (b) {
+    r.b = regroup_units<scalar_t>(b->reshape({chunks * H, 1}), chunks, H).view({-1, chunks, L});
+  }
   r.hidden = H;
   r.chunks = chunks;
   return r;
