@@ -37,7 +37,7 @@ constexpr int block_rows() {
 
 // Multiply-adds per task below which fewer threads share a step: a smaller task costs less than
 // handing it to a thread.
-constexpr int64_t kMinStepWork = int64_t{1} << 20;
+constexpr int64_t kMinStepWork = int64_t{1} << 16;
 
 // W_hh (chunks*H, H) regrouped by vectors of hidden units: group g holds, for every k, the
 // weights of units [g L, g L + L) of each gate, as `chunks` consecutive vectors
@@ -147,11 +147,15 @@ void for_each_product_row(const PackedRecurrent& rec, const at::Tensor& h, const
       const scalar_t* wg = wp + g * H * C * L;
       const scalar_t* bg = bp ? bp + g * C * L : nullptr;
       const int64_t j0 = g * L, j1 = std::min(H, j0 + L);
-      for (int64_t m = 0; m < n; m += MR) {
-        const int rows = static_cast<int>(std::min<int64_t>(MR, n - m));
+      // Blocks of at most MR rows, as even as they come (8 rows: 4 + 4, not 6 + 2): a block of
+      // few rows loads a weight vector for few multiply-adds.
+      const int64_t blocks = at::ceil_div<int64_t>(n, MR);
+      for (int64_t i = 0, m = 0; i < blocks; ++i) {
+        const int rows = static_cast<int>(at::ceil_div<int64_t>(n - m, blocks - i));
         product_rows<C>(rows, hp + m * H, H, wg, bg, H, block,
                         std::make_integer_sequence<int, MR>{});
         for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
+        m += rows;
       }
     }
   });
