@@ -24,7 +24,6 @@
 
 #include "common/checks.h"
 #include "gated_cells.h"
-#include "large_buffer.h"
 
 namespace mapopt {
 
@@ -93,7 +92,7 @@ inline at::Tensor rows(const at::Tensor& t, int64_t first, int64_t count) {
 // (reversed) sequence starts at t.
 inline at::Tensor previous_states(const at::Tensor& states, const at::Tensor& initial,
                                   const Steps& s, bool reverse) {
-  at::Tensor prev = empty_large(states.sizes(), states.options());
+  at::Tensor prev = at::empty(states.sizes(), states.options());
   for (int64_t t = 0; t < s.T(); ++t) {
     const int64_t n = s.sizes[t];
     at::Tensor dst = rows(prev, s.offsets[t], n);
@@ -260,10 +259,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
 
   seq::Projection<K> gi(x, w_ih, b_ih, s, reverse);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, b_hh, 3, s.batch);
-  at::Tensor out = empty_large({s.rows, H}, x.options());
+  at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
   // Training keeps every step's workspace for the backward; inference reuses one step's.
-  at::Tensor ws = empty_large({need_workspace ? s.rows : s.batch, 4 * H}, x.options());
+  at::Tensor ws = at::empty({need_workspace ? s.rows : s.batch, 4 * H}, x.options());
   const at::Tensor h0 = hx.contiguous();
   at::Tensor last;
   int64_t last_n = 0;
@@ -304,8 +303,8 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor h_prev = seq::previous_states(out, h0, s, reverse);
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
-  at::Tensor d_gi = empty_large({s.rows, 3 * H}, x.options());
-  at::Tensor d_gh = empty_large({s.rows, 3 * H}, x.options());
+  at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
+  at::Tensor d_gh = at::empty({s.rows, 3 * H}, x.options());
   const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_gh W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
@@ -349,10 +348,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, std::nullopt, 4, s.batch);
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.
-  at::Tensor gates = need_workspace && !gi.whole() ? empty_large({s.rows, 4 * H}, x.options())
+  at::Tensor gates = need_workspace && !gi.whole() ? at::empty({s.rows, 4 * H}, x.options())
                                                    : at::Tensor();
-  at::Tensor out = empty_large({s.rows, H}, x.options());
-  at::Tensor cs = empty_large({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
+  at::Tensor out = at::empty({s.rows, H}, x.options());
+  at::Tensor cs = at::empty({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
   at::Tensor cy = at::empty({s.batch, H}, x.options());
   const at::Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
@@ -414,7 +413,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor dc = seq::carried_grad(grad_cy, s, H, x);
-  at::Tensor d_gates = empty_large({s.rows, 4 * H}, x.options());
+  at::Tensor d_gates = at::empty({s.rows, 4 * H}, x.options());
   const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_a W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;
