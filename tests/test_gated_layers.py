@@ -44,19 +44,24 @@ def leaf(t):
     return None if t is None else t.detach().clone().requires_grad_()
 
 
+def matching_pair(kind, I, H, dtype, **kwargs):
+    """Our layer and torch's, with the same state_dict."""
+    ours_cls, torch_cls = LAYERS[kind]
+    theirs = torch_cls(I, H, dtype=dtype, **kwargs)
+    ours = ours_cls(I, H, dtype=dtype, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first", [
     (1, False, False), (1, True, True), (2, False, True), (2, True, False), (3, True, False)])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("given_hx", [True, False])
 def test_sigmoid_matches_torch(kind, num_layers, bidirectional, batch_first, dtype, given_hx):
-    ours_cls, torch_cls = LAYERS[kind]
     T, B, I, H = 7, 5, 9, 11
-    theirs = torch_cls(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional,
-                       dtype=dtype)
-    ours = ours_cls(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional,
-                    dtype=dtype)
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = matching_pair(kind, I, H, dtype, num_layers=num_layers, batch_first=batch_first,
+                                 bidirectional=bidirectional)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
     L = num_layers * (2 if bidirectional else 1)
     hx = initial_states(kind, L, B, H, dtype) if given_hx else None
@@ -75,11 +80,8 @@ def test_sigmoid_matches_torch(kind, num_layers, bidirectional, batch_first, dty
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_packed_unsorted_matches_torch(kind, bidirectional, dtype):
-    ours_cls, torch_cls = LAYERS[kind]
     T, B, I, H = 8, 6, 5, 7
-    theirs = torch_cls(I, H, 2, bidirectional=bidirectional, dtype=dtype)
-    ours = ours_cls(I, H, 2, bidirectional=bidirectional, dtype=dtype)
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = matching_pair(kind, I, H, dtype, num_layers=2, bidirectional=bidirectional)
     x = torch.randn(T, B, I, dtype=dtype)
     lengths = torch.tensor([3, 8, 1, 5, 8, 2])  # unsorted, with ties
     hx = initial_states(kind, 2 * (2 if bidirectional else 1), B, H, dtype)
@@ -104,13 +106,11 @@ def test_packed_unsorted_matches_torch(kind, bidirectional, dtype):
         assert_close(a, b, scale=20)
 
 
-def matching_pair(kind, I, H, dtype, **kwargs):
-    """Our layer and torch's, with the same state_dict."""
-    ours_cls, torch_cls = LAYERS[kind]
-    theirs = torch_cls(I, H, dtype=dtype, **kwargs)
-    ours = ours_cls(I, H, dtype=dtype, **kwargs)
-    ours.load_state_dict(theirs.state_dict())
-    return ours, theirs
+def unsorted_lengths(T, B, longest):
+    """Random lengths in [1, T] for B sequences, sequence `longest` of length T."""
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[longest] = T
+    return lengths
 
 
 def run_sequence(module, x, lengths=None):
@@ -151,9 +151,7 @@ def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
     T, B, I, H = 100, 64, 16, 64
     ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
     x = torch.randn(T, B, I, dtype=dtype)
-    lengths = torch.randint(1, T + 1, (B,))
-    lengths[0] = T
-    lengths = lengths if packed else None
+    lengths = unsorted_lengths(T, B, 0) if packed else None
     assert_runs_close(run_sequence(ours, x, lengths), run_sequence(theirs, x, lengths), 100)
 
 
@@ -163,14 +161,13 @@ def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
 def test_steps_split_over_threads_match_torch(kind, dtype, threads):
     # Steps big enough that the CPU forward's recurrent product (csrc/cpu/recurrent_product.h)
     # splits the hidden units over threads, one vector of units per group: H = 204 is no multiple
-    # of the vector width (4 to 16 lanes), so the last group is partial; B = 32 is no multiple of
-    # the kernel's block of rows, and the packed, unsorted lengths shrink the batch step by step;
-    # both directions.
+    # of the vector width (4 to 16 lanes), so the last group is partial; the packed, unsorted
+    # lengths shrink the batch from 32 step by step, so the kernel's row blocks take several
+    # sizes; both directions.
     T, B, I, H = 6, 32, 24, 204
     ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
     x = torch.randn(T, B, I, dtype=dtype)
-    lengths = torch.randint(1, T + 1, (B,))
-    lengths[3] = T
+    lengths = unsorted_lengths(T, B, 3)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -331,10 +328,7 @@ def test_torch_nn_gru_breaks_fullgraph_compile():
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_unbatched_input(kind):
-    ours_cls, torch_cls = LAYERS[kind]
-    theirs = torch_cls(3, 5, 2, bidirectional=True)
-    ours = ours_cls(3, 5, 2, bidirectional=True)
-    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = matching_pair(kind, 3, 5, torch.float32, num_layers=2, bidirectional=True)
     x = torch.randn(6, 3)
     hx = initial_states(kind, 4, None, 5, torch.float32, unbatched=True)
     for h in (None, hx):

@@ -46,9 +46,9 @@ constexpr int64_t kMinStepWork = int64_t{1} << 16;
 struct PackedRecurrent {
   at::Tensor w;  // (groups, H, chunks, L)
   at::Tensor b;  // (groups, chunks, L), or undefined
-  int64_t hidden = 0;
-  int64_t chunks = 0;
   int64_t groups() const { return w.size(0); }
+  int64_t hidden() const { return w.size(1); }
+  int64_t chunks() const { return w.size(2); }
 };
 
 // (chunks*H, cols) rows regrouped into (groups, cols, chunks, L) as PackedRecurrent lays them
@@ -86,8 +86,6 @@ PackedRecurrent pack_recurrent(const at::Tensor& w, const std::optional<at::Tens
   if (b) {
     r.b = regroup_units<scalar_t>(b->reshape({chunks * H, 1}), chunks, H).view({-1, chunks, L});
   }
-  r.hidden = H;
-  r.chunks = chunks;
   return r;
 }
 
@@ -134,9 +132,9 @@ void for_each_product_row(const PackedRecurrent& rec, const at::Tensor& h, const
   using V = Vectorized<scalar_t>;
   constexpr int L = V::size();
   constexpr int MR = block_rows<C>();
-  TORCH_INTERNAL_ASSERT(rec.chunks == C && h.size(1) == rec.hidden);
+  TORCH_INTERNAL_ASSERT(rec.chunks() == C && h.size(1) == rec.hidden());
   const at::Tensor hc = h.contiguous();
-  const int64_t n = hc.size(0), H = rec.hidden;
+  const int64_t n = hc.size(0), H = rec.hidden();
   const scalar_t* hp = hc.const_data_ptr<scalar_t>();
   const scalar_t* wp = rec.w.const_data_ptr<scalar_t>();
   const scalar_t* bp = rec.b.defined() ? rec.b.const_data_ptr<scalar_t>() : nullptr;

@@ -2,6 +2,7 @@
 // precision libm results rounded to float, in ulp of the rounded result, over dense sweeps and the
 // special values. Built once per SIMD level the machine runs (CMakeLists.txt), since each level
 // compiles the same code to other instructions.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
