@@ -8,6 +8,8 @@
 //   linear_into(out, x, w, accumulate): out = x wᵀ, or out += x wᵀ
 //   pack_weight(w, batch): w in the backend's preferred layout, for one weight used many times
 //   kProjectionBytes: the block size of a layer's input projection (csrc/gated_layers.h)
+//   Input, input_weight(w_ih, b, chunks, rows), project(in, x, keep) = x W_ihᵀ + b: a layer's
+//   input projection (keep: the caller holds on to the result beyond the next projection)
 // and, for 2-D tensors with unit column stride (rows may be strided), the pointwise kernels:
 //   gru_pointwise_fwd(gi, gh, hx, hy, ws, gate)             gi, gh (B,3H) -> hy (B,H), ws (B,4H)
 //   gru_pointwise_bwd(dhy, hx, ws, d_gi, d_gh, dh, gate)    -> d_gi, d_gh (B,3H), dh (B,H)

@@ -146,18 +146,19 @@ inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
 // The input projection x W_ihᵀ + b of every step, made a block of consecutive steps at a time,
 // in processing order, into blocks of at most K::kProjectionBytes. Why: on the CPU a whole
 // sequence's projection (rows x 4H) would be written to fresh memory and read back once, and first
-// touching that much memory costs about as much as the pass; a block of a few MB stays in cache.
-// On CUDA the budget is unlimited: the whole sequence is one product.
+// touching that much memory costs about as much as the pass; a block of a few MB stays in cache
+// (and the CPU backend keeps it between calls, cpu/scratch.h). On CUDA the budget is unlimited:
+// the whole sequence is one product.
 template <class K>
 class Projection {
  public:
   Projection(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-             const Steps& s, bool reverse)
-      : x_(x), b_(b), s_(s), reverse_(reverse) {
+             int64_t chunks, const Steps& s, bool reverse)
+      : x_(x), s_(s), reverse_(reverse) {
     const int64_t row_bytes = w.size(0) * x.element_size();
     max_rows_ = std::max<int64_t>(1, K::kProjectionBytes / std::max<int64_t>(row_bytes, 1));
     whole_ = s.rows <= max_rows_;
-    w_ = whole_ ? w : K::pack_weight(w, max_rows_);  // one weight, many products
+    w_ = K::input_weight(w, b, chunks, std::min(max_rows_, s.rows));
   }
 
   // Whether one product covers the whole sequence; then block() is that product, once a step
@@ -184,12 +185,13 @@ class Projection {
     }
     first_ = lo;
     last_ = hi;
-    block_ = K::linear(rows(x_, s_.offsets[lo], count), w_, b_);
+    // A block of a longer sequence lives until the next; the whole sequence's projection may be
+    // kept by the caller (the LSTM's workspace).
+    block_ = K::project(w_, rows(x_, s_.offsets[lo], count), /*keep=*/whole_);
   }
 
   const at::Tensor& x_;
-  at::Tensor w_;
-  const std::optional<at::Tensor>& b_;
+  typename K::Input w_;
   const Steps& s_;
   const bool reverse_;
   int64_t max_rows_ = 0;
@@ -219,14 +221,24 @@ inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Ten
 }  // namespace seq
 
 // The forward step for backends without a fused one (CUDA): the recurrent product, then the
-// pointwise kernel. A backend K derives from StepByProduct<K> to get K::Recurrent,
-// K::recurrent_weight, K::gru_step_fwd and K::lstm_step_fwd (csrc/gated_cells.h lists them).
+// pointwise kernel; the input projection by K::linear. A backend K derives from StepByProduct<K>
+// to get K::Input, K::input_weight, K::project, K::Recurrent, K::recurrent_weight,
+// K::gru_step_fwd and K::lstm_step_fwd (csrc/gated_cells.h lists them).
 template <class K>
 struct StepByProduct {
-  struct Recurrent {
+  struct Weight {
     at::Tensor w;
     std::optional<at::Tensor> b;
   };
+  using Input = Weight;
+  using Recurrent = Weight;
+  static Input input_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
+                            int64_t /*chunks*/, int64_t rows) {
+    return {K::pack_weight(w, rows), b};
+  }
+  static at::Tensor project(const Input& in, const at::Tensor& x, bool /*keep*/) {
+    return K::linear(x, in.w, in.b);
+  }
   static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
                                     int64_t /*chunks*/, int64_t batch) {
     return {K::pack_weight(w, batch), b};
@@ -257,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
   check_state(hx, "hx", s.batch, H, input);
   c10::OptionalDeviceGuard guard(input.device());
 
-  seq::Projection<K> gi(x, w_ih, b_ih, s, reverse);
+  seq::Projection<K> gi(x, w_ih, b_ih, 3, s, reverse);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, b_hh, 3, s.batch);
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
@@ -344,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   c10::OptionalDeviceGuard guard(input.device());
 
   const std::optional<at::Tensor> bias = detail::summed_bias(b_ih, b_hh);
-  seq::Projection<K> gi(x, w_ih, bias, s, reverse);
+  seq::Projection<K> gi(x, w_ih, bias, 4, s, reverse);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, std::nullopt, 4, s.batch);
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.

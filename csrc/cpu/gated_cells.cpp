@@ -10,7 +10,8 @@
 #include "../common/cells.h"
 #include "../gated_registration.h"
 #include "onednn_linear.h"
-#include "recurrent_product.h"
+#include "layer_products.h"
+#include "scratch.h"
 #include "vec_math.h"
 
 namespace mapopt::cpu {
@@ -25,7 +26,7 @@ void dispatch(const at::Tensor& t, Gate gate, const F& fn) {
 
 // The forward pointwise math of one row's hidden units [j0, j1) (row pointers; H hidden units).
 // gh's gate k of unit j is at ghb[k * gs + j - g0]: gs = H, g0 = 0 for a whole (B, chunks*H)
-// product row, or gs = L, g0 = j0 for a block of the fused step (recurrent_product.h).
+// product row, or gs = L, g0 = j0 for a block of the fused step (layer_products.h).
 template <Gate G, class scalar_t>
 void gru_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_t g0,
                    const scalar_t* hb, scalar_t* hyb, scalar_t* wsb, int64_t H, int64_t j0,
@@ -70,6 +71,19 @@ void lstm_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_
 }
 
 struct CpuCellKernels {
+ private:
+  static PackedUnits packed(Scratch slot, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                            int64_t chunks) {
+    PackedUnits p;
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mapopt_native packed weight", [&] {
+      const int64_t H = w.size(0) / chunks;
+      p = pack_units<scalar_t>(
+          w, b, chunks, scratch(slot, packed_units_size<scalar_t>(chunks, H, w.size(1)), w.options()));
+    });
+    return p;
+  }
+
+ public:
   // Input projections are made in blocks of this size (csrc/gated_layers.h, seq::Projection):
   // small enough to stay in the last-level cache, large enough for an efficient product.
   static constexpr int64_t kProjectionBytes = int64_t{4} << 20;
@@ -154,17 +168,41 @@ struct CpuCellKernels {
     });
   }
 
-  // The layers' forward step: the recurrent product by recurrent_product.h's kernel, each block's
-  // pointwise math right after it. rec packs W_hh (chunks*H, H) and b_hh (GRU; the LSTM's is in
-  // the projection).
-  using Recurrent = PackedRecurrent;
-  static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
-                                    int64_t chunks, int64_t /*batch*/) {
-    Recurrent r;
-    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mapopt_native recurrent weight", [&] {
-      r = pack_recurrent<scalar_t>(w, b, chunks);
+  // The layers' products by layer_products.h's kernel over weights packed into this thread's
+  // scratch (scratch.h): the input projection of a block of steps, and the forward step, each
+  // block of the recurrent product followed by its pointwise math. rec packs W_hh (chunks*H, H)
+  // and b_hh (GRU; the LSTM's is in the projection).
+  using Input = PackedUnits;
+  using Recurrent = PackedUnits;
+  static PackedUnits input_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                  int64_t chunks, int64_t /*rows*/) {
+    return packed(Scratch::InputWeight, w, b, chunks);
+  }
+  static PackedUnits recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                      int64_t chunks, int64_t /*batch*/) {
+    return packed(Scratch::RecurrentWeight, w, b, chunks);
+  }
+
+  // x Wᵀ + b (rows, chunks*H); in this thread's scratch unless `keep` (the caller holds on to it).
+  static at::Tensor project(const PackedUnits& in, const at::Tensor& x, bool keep) {
+    const int64_t n = x.size(0), H = in.units, C = in.chunks();
+    at::Tensor out = keep ? at::empty({n, C * H}, x.options())
+                          : scratch(Scratch::Projection, n * C * H, x.options()).view({n, C * H});
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mapopt_native input projection", [&] {
+      constexpr int64_t L = Vectorized<scalar_t>::size();
+      const auto out_r = rows_out<scalar_t>(out);
+      auto store_row = [&](int64_t r, int64_t j0, int64_t j1, const scalar_t* p) {
+        for (int64_t c = 0; c < C; ++c) {
+          store(Vectorized<scalar_t>::loadu(p + c * L), out_r[r] + c * H + j0, j1 - j0);
+        }
+      };
+      if (C == 3) {
+        for_each_product_row<3, scalar_t>(in, x, store_row);
+      } else {
+        for_each_product_row<4, scalar_t>(in, x, store_row);
+      }
     });
-    return r;
+    return out;
   }
 
   // hy = GRU(gi + h W_hhᵀ + b_hh) (gi: this step's input projection).
