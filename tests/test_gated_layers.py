@@ -159,7 +159,7 @@ def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_steps_split_over_threads_match_torch(kind, dtype, threads):
-    # Steps big enough that the CPU forward's recurrent product (csrc/cpu/recurrent_product.h)
+    # Steps big enough that the CPU forward's recurrent product (csrc/cpu/layer_products.h)
     # splits the hidden units over threads, one vector of units per group: H = 204 is no multiple
     # of the vector width (4 to 16 lanes), so the last group is partial; the packed, unsorted
     # lengths shrink the batch from 32 step by step, so the kernel's row blocks take several
@@ -175,6 +175,19 @@ def test_steps_split_over_threads_match_torch(kind, dtype, threads):
     finally:
         torch.set_num_threads(before)
     assert_runs_close(*results, 20)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_buffers_kept_between_calls(kind):
+    # The CPU layers keep their packed weights and projection block between calls
+    # (csrc/cpu/scratch.h): calls of other sizes and dtypes in between, a longer sequence (several
+    # projection blocks) then a shorter one, must each match torch as if run alone.
+    runs = [(100, 64, 16, 64, torch.float32), (7, 5, 9, 12, torch.float64),
+            (100, 64, 16, 64, torch.float32), (3, 2, 40, 24, torch.float32)]
+    for T, B, I, H, dtype in runs:
+        ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
+        x = torch.randn(T, B, I, dtype=dtype)
+        assert_runs_close(run_sequence(ours, x), run_sequence(theirs, x), 100)
 
 
 def weights_of(module):

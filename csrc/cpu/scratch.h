@@ -19,7 +19,7 @@ namespace mapopt::cpu {
 
 enum class Scratch : int { InputWeight, RecurrentWeight, Projection, kSlots };
 
-constexpr int64_t kScratchKeepBytes = int64_t{64} << 20;
+constexpr int64_t kScratchKeepBytes = int64_t{32} << 20;
 
 // A 1-D tensor of `numel` elements of `options`' dtype, on the CPU.
 inline at::Tensor scratch(Scratch slot, int64_t numel, const at::TensorOptions& options) {
