@@ -14,6 +14,7 @@
 #include <ATen/ceil_div.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -150,10 +151,16 @@ void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& f
   const scalar_t* xp = xc.const_data_ptr<scalar_t>();
   const scalar_t* wp = pw.w.const_data_ptr<scalar_t>();
   const scalar_t* bp = pw.b.defined() ? pw.b.const_data_ptr<scalar_t>() : nullptr;
+  // Threads take groups one at a time from a shared counter rather than a fixed share each: on
+  // a shared machine one thread is often held up for part of a step, and with fixed shares the
+  // others would wait for it at the step's end.
+  const int64_t groups = pw.groups();
   const int64_t grain = std::max<int64_t>(1, kMinStepWork / std::max<int64_t>(1, n * K * C * L));
-  at::parallel_for(0, pw.groups(), grain, [&](int64_t g0, int64_t g1) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), at::ceil_div(groups, grain));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     alignas(64) scalar_t block[MR * C * L];
-    for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
       const scalar_t* wg = wp + g * K * C * L;
       const scalar_t* bg = bp ? bp + g * C * L : nullptr;
       const int64_t j0 = g * L, j1 = std::min(H, j0 + L);
