@@ -13,30 +13,58 @@ namespace mapopt::cpu {
 
 using at::vec::Vectorized;
 
-// float tanh of our own. Why: the gate math of a recurrent step takes a few tanh per element, and
-// SLEEF's 1-ulp tanh behind Vectorized costs 24 ns per 16 floats on this project's Zen 4 machines
-// (its exp 5 ns): a third of an LSTM layer's time above its matrix products (bench_rnn.py,
-// T = 100, B = 64, H = 512). This one is within 1 ulp too (tests/cpp/test_vec_math.cpp), at
-// 10 ns. float64 keeps SLEEF.
+// float exp and tanh of our own, inline. Why: the gate math of a recurrent step takes five
+// exp / tanh per unit, and SLEEF's functions behind Vectorized are calls, around which every live
+// vector register is spilled; SLEEF's tanh also costs 24 ns per 16 floats on this project's Zen 4
+// machines. These inline into the unit's math: an LSTM unit's forward takes 42 instead of 51 ns per
+// 16 units (tests/cpp/test_vec_math.cpp checks both within 2 ulp of libm at every SIMD level).
+
+// For y (NaN or in [-104, 89]): 2^n and r with y = n ln 2 + r, |r| <= ln(2)/2 (ln 2 in two parts,
+// so r is exact), and e^r - 1 by its Taylor polynomial of degree 7 (truncation 0.05 ulp). Returns
+// e^r - 1; 2^n as two factors 2^n1 2^n2, each a normal float for every n this range gives.
+struct ExpParts {
+  Vectorized<float> em1_r, scale1, scale2;
+};
+
+inline ExpParts exp_parts(const Vectorized<float>& y) {
+  using V = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const V n = (y * V(1.44269504088896341f)).round();
+  V r = at::vec::fmadd(n, V(-0.693145751953125f), y);
+  r = at::vec::fmadd(n, V(-1.42860682030941723e-6f), r);
+  V p = at::vec::fmadd(r, V(1.f / 5040), V(1.f / 720));
+  p = at::vec::fmadd(p, r, V(1.f / 120));
+  p = at::vec::fmadd(p, r, V(1.f / 24));
+  p = at::vec::fmadd(p, r, V(1.f / 6));
+  p = at::vec::fmadd(p, r, V(0.5f));
+  const I ni = at::vec::convert_to_int_of_same_size(n);
+  const I n1 = ni >> I(1);
+  const auto pow2 = [](const I& k) { return at::vec::cast<float>((k + I(127)) << I(23)); };
+  // r + r^2 (1/2 + ...), the small term rounded apart: within about half an ulp.
+  return {at::vec::fmadd(p * r, r, r), pow2(n1), pow2(ni - n1)};
+}
+
+// e^x; NaN stays NaN, below -104 the result is 0 (denormal results are made by the last
+// product), above 89 infinity.
+inline Vectorized<float> exp_f32(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  const ExpParts e = exp_parts(at::vec::minimum(at::vec::maximum(x, V(-104.f)), V(89.f)));
+  return (e.em1_r + V(1.f)) * e.scale1 * e.scale2;
+}
+
+// tanh|x| = m / (m + 2) with m = e^{2|x|} - 1 = 2^n (e^r - 1) + (2^n - 1), which has no
+// cancellation near 0; |x| is clamped to 9.1, where tanh rounds to 1. The sign is x's.
 inline Vectorized<float> tanh_f32(const Vectorized<float>& x) {
   using V = Vectorized<float>;
-  const V a = x.abs();
-  // |x| >= 0.625: 1 - 2 / (e^{2|x|} + 1), without cancellation since the result is above 0.55.
-  V big = V(1.f) - V(2.f) / ((a + a).exp() + V(1.f));
-  big = V::blendv(big, V(0.f) - big, x < V(0.f));
-  // |x| < 0.625: x + x^3 P(x^2), P fitted by least squares to (tanh(x) - x) / x^3 (relative error
-  // 0.04 ulp before rounding).
-  const V u = x * x;
-  V p = at::vec::fmadd(u, V(-0.005691985599696636f), V(0.020626291632652283f));
-  p = at::vec::fmadd(p, u, V(-0.05373531952500343f));
-  p = at::vec::fmadd(p, u, V(0.13331381976604462f));
-  p = at::vec::fmadd(p, u, V(-0.3333328068256378f));
-  const V small = at::vec::fmadd(x * u, p, x);
-  return V::blendv(big, small, a < V(0.625f));
+  const V a = at::vec::minimum(x.abs(), V(9.1f));
+  const ExpParts e = exp_parts(a + a);
+  const V s = e.scale1 * e.scale2;
+  const V m = at::vec::fmadd(s, e.em1_r, s - V(1.f));
+  return (m / (m + V(2.f))) | (x & V(-0.f));
 }
 
 // exp / sin / cos / tanh / erf / log1p of a SIMD vector: SLEEF under ATen's Vectorized, except
-// float tanh (above).
+// float exp and tanh (above).
 struct VecMath {
   template <class V>
   static V exp(const V& x) { return x.exp(); }
@@ -47,6 +75,7 @@ struct VecMath {
   template <class V>
   static V tanh(const V& x) { return x.tanh(); }
   static Vectorized<float> tanh(const Vectorized<float>& x) { return tanh_f32(x); }
+  static Vectorized<float> exp(const Vectorized<float>& x) { return exp_f32(x); }
   template <class V>
   static V erf(const V& x) { return x.erf(); }
   template <class V>

@@ -1,4 +1,4 @@
-// Accuracy of the CPU kernels' own float tanh (csrc/cpu/vec_math.h) against the double
+// Accuracy of the CPU kernels' own float exp and tanh (csrc/cpu/vec_math.h) against the double
 // precision libm results rounded to float, in ulp of the rounded result, over dense sweeps and the
 // special values. Built once per SIMD level the machine runs (CMakeLists.txt), since each level
 // compiles the same code to other instructions.
@@ -84,15 +84,22 @@ std::vector<float> logarithmic(double lo, double hi, int n) {
 }  // namespace
 
 int main() {
+  using mapopt::cpu::exp_f32;
   using mapopt::cpu::tanh_f32;
   const float inf = std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::printf("Vectorized<float>: %d lanes\n", kLanes);
 
+  // Down to -104, where e^x is below half the smallest denormal; up to 89, past overflow.
+  check("exp", exp_f32, [](double v) { return std::exp(v); }, linear(-104, 89, 3000000), 2);
+  check("exp", exp_f32, [](double v) { return std::exp(v); }, logarithmic(1e-30, 104, 200000), 2);
+  check_special("exp", exp_f32, {0.f, -0.f, inf, -inf, nan, 200.f, -200.f, 88.8f},
+                {1.f, 1.f, inf, 0.f, nan, inf, 0.f, inf});
+
   check("tanh", tanh_f32, [](double v) { return std::tanh(v); }, linear(-12, 12, 3000000), 2);
   check("tanh", tanh_f32, [](double v) { return std::tanh(v); }, logarithmic(1e-30, 20, 200000), 2);
-  check_special("tanh", tanh_f32, {0.f, inf, -inf, nan, 50.f, -50.f, 1e30f},
-                {0.f, 1.f, -1.f, nan, 1.f, -1.f, 1.f});
+  check_special("tanh", tanh_f32, {0.f, -0.f, inf, -inf, nan, 50.f, -50.f, 1e30f},
+                {0.f, -0.f, 1.f, -1.f, nan, 1.f, -1.f, 1.f});
 
   if (failures) std::printf("%d FAILED\n", failures);
   return failures ? 1 : 0;
