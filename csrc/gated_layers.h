@@ -86,27 +86,6 @@ inline at::Tensor rows(const at::Tensor& t, int64_t first, int64_t count) {
   return t.narrow(0, first, count);
 }
 
-// The state that step t starts from, for every step at once: (N, H). Going forward in time, the
-// first sizes[t] rows of the previous step's states, or the initial state at t = 0. In reverse,
-// the next step's states for the rows that continue and the initial state for the rows whose
-// (reversed) sequence starts at t.
-inline at::Tensor previous_states(const at::Tensor& states, const at::Tensor& initial,
-                                  const Steps& s, bool reverse) {
-  at::Tensor prev = at::empty(states.sizes(), states.options());
-  for (int64_t t = 0; t < s.T(); ++t) {
-    const int64_t n = s.sizes[t];
-    at::Tensor dst = rows(prev, s.offsets[t], n);
-    if (!reverse) {
-      dst.copy_(t == 0 ? rows(initial, 0, n) : rows(states, s.offsets[t - 1], n));
-    } else {
-      const int64_t kept = s.next_size(t, /*reverse=*/false);  // rows continuing from step t + 1
-      if (kept) rows(dst, 0, kept).copy_(rows(states, s.offsets[t + 1], kept));
-      if (n > kept) rows(dst, kept, n - kept).copy_(rows(initial, kept, n - kept));
-    }
-  }
-  return prev;
-}
-
 // The state a step starts from, while running the forward loop: `last` holds the previous
 // step's states (batch size `last_n`) or is undefined at the first step.
 inline at::Tensor start_state(const at::Tensor& last, int64_t last_n, const at::Tensor& initial,
@@ -115,6 +94,39 @@ inline at::Tensor start_state(const at::Tensor& last, int64_t last_n, const at::
   if (last_n >= n) return rows(last, 0, n);
   // Reverse direction, batch grows: continuing rows, then the new sequences' initial states.
   return at::cat({last, rows(initial, last_n, n - last_n)});
+}
+
+// The state step t started from, given every step's states (N, H): going forward in time the
+// first sizes[t] rows of the previous step's states, or the initial state at t = 0; in reverse the
+// next step's states for the rows that continue and the initial state for the rows whose
+// (reversed) sequence starts at t. A view unless the batch grows there.
+inline at::Tensor step_start(const at::Tensor& states, const at::Tensor& initial, const Steps& s,
+                             int64_t t, bool reverse) {
+  const int64_t prev = reverse ? t + 1 : t - 1;
+  if (prev < 0 || prev >= s.T()) return rows(initial, 0, s.sizes[t]);
+  return start_state(rows(states, s.offsets[prev], s.sizes[prev]), s.sizes[prev], initial,
+                     s.sizes[t]);
+}
+
+// dᵀ S for d (N, chunks*H) and S (N, H) the state each row's step started from: the recurrent
+// weight's gradient. With every step of the same batch size S is the output shifted by one step
+// with the initial state at the end it leaves open, so this is two products on views; packed
+// sequences whose batch shrinks gather S first.
+inline at::Tensor recurrent_weight_grad(const at::Tensor& d, const at::Tensor& states,
+                                        const at::Tensor& initial, const Steps& s, bool reverse) {
+  const int64_t B = s.batch, N = s.rows;
+  if (!std::all_of(s.sizes.begin(), s.sizes.end(), [&](int64_t n) { return n == B; })) {
+    at::Tensor prev = at::empty(states.sizes(), states.options());
+    for (int64_t t = 0; t < s.T(); ++t) {
+      rows(prev, s.offsets[t], s.sizes[t]).copy_(step_start(states, initial, s, t, reverse));
+    }
+    return at::mm(d.t(), prev);
+  }
+  // Going forward the first step starts from the initial state and step t from step t - 1; in
+  // reverse the last step starts from it and step t from step t + 1.
+  at::Tensor g = at::mm(rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B));
+  if (N > B) g.addmm_(rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B));
+  return g;
 }
 
 // The final state of each sequence: for the forward direction the sequence's last step, for the
@@ -312,7 +324,6 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
 
   const at::Tensor out = seq::as_rows(output).contiguous();
   const at::Tensor h0 = hx.contiguous();
-  const at::Tensor h_prev = seq::previous_states(out, h0, s, reverse);
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
@@ -325,7 +336,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
     if (gout.defined()) dh_t.add_(seq::rows(gout, off, n));
     at::Tensor d_gh_t = seq::rows(d_gh, off, n);
     // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
-    K::gru_pointwise_bwd(dh_t, seq::rows(h_prev, off, n), seq::rows(workspace, off, n),
+    K::gru_pointwise_bwd(dh_t, seq::step_start(out, h0, s, t, reverse), seq::rows(workspace, off, n),
                          seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
     K::linear_into(dh_t, d_gh_t, w_hh_t_packed, /*accumulate=*/true);
   }
@@ -334,7 +345,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   return {output_mask[0] ? seq::shaped_like_input(seq::input_grad<K>(d_gi, w_ih), input) : none(),
           output_mask[1] ? dh : none(),
           params ? at::mm(d_gi.t(), x) : none(),
-          params ? at::mm(d_gh.t(), h_prev) : none(),
+          params ? seq::recurrent_weight_grad(d_gh, out, h0, s, reverse) : none(),
           params && has_bias ? d_gi.sum(0) : none(),
           params && has_bias ? d_gh.sum(0) : none()};
 }
@@ -420,8 +431,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
   c10::OptionalDeviceGuard guard(input.device());
 
   const at::Tensor out = seq::as_rows(output).contiguous();
-  const at::Tensor h_prev = seq::previous_states(out, hx.contiguous(), s, reverse);
-  const at::Tensor c_prev = seq::previous_states(cell_states, cx.contiguous(), s, reverse);
+  const at::Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor dc = seq::carried_grad(grad_cy, s, H, x);
@@ -434,7 +444,8 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
     if (gout.defined()) dh_t.add_(seq::rows(gout, off, n));
     at::Tensor d_gates_t = seq::rows(d_gates, off, n);
     // In place on dc: the kernel reads dc'[j] and writes dc[j] at the same index.
-    K::lstm_pointwise_bwd(dh_t, dc_t, seq::rows(workspace, off, n), seq::rows(c_prev, off, n),
+    K::lstm_pointwise_bwd(dh_t, dc_t, seq::rows(workspace, off, n),
+                          seq::step_start(cell_states, c0, s, t, reverse),
                           seq::rows(cell_states, off, n), d_gates_t, dc_t, g);
     K::linear_into(dh_t, d_gates_t, w_hh_t_packed, /*accumulate=*/false);
   }
@@ -447,7 +458,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
           output_mask[1] ? dh : none(),
           output_mask[2] ? dc : none(),
           params ? at::mm(d_gates.t(), x) : none(),
-          params ? at::mm(d_gates.t(), h_prev) : none(),
+          params ? seq::recurrent_weight_grad(d_gates, out, h0, s, reverse) : none(),
           gb,
           gb.clone()};
 }
