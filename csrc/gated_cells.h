@@ -21,6 +21,8 @@
 //   Recurrent, recurrent_weight(w_hh, b_hh, chunks, batch): the recurrent weight for the steps
 //   gru_step_fwd(rec, gi, hx, hy, ws, gate):        gru_pointwise_fwd(gi, hx W_hhᵀ + b_hh, ...)
 //   lstm_step_fwd(rec, gi, hx, cx, hy, cy, ws, gate): lstm_pointwise_fwd(gi, hx W_hhᵀ, ...)
+//   RecurrentT, recurrent_weight_t(w_hh, batch), recurrent_product_t(rt, d, out, accumulate):
+//   the layers' backward step product, out = d W_hh, or out += d W_hh
 // Workspace layouts: csrc/common/cells.h.
 #pragma once
 

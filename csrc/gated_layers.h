@@ -233,9 +233,10 @@ inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Ten
 }  // namespace seq
 
 // The forward step for backends without a fused one (CUDA): the recurrent product, then the
-// pointwise kernel; the input projection by K::linear. A backend K derives from StepByProduct<K>
-// to get K::Input, K::input_weight, K::project, K::Recurrent, K::recurrent_weight,
-// K::gru_step_fwd and K::lstm_step_fwd (csrc/gated_cells.h lists them).
+// pointwise kernel; the input projection and the backward's recurrent product by K::linear /
+// K::linear_into. A backend K derives from StepByProduct<K> to get K::Input, K::input_weight,
+// K::project, K::Recurrent, K::recurrent_weight, K::RecurrentT, K::recurrent_weight_t,
+// K::recurrent_product_t, K::gru_step_fwd and K::lstm_step_fwd (csrc/gated_cells.h lists them).
 template <class K>
 struct StepByProduct {
   struct Weight {
@@ -254,6 +255,14 @@ struct StepByProduct {
   static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
                                     int64_t /*chunks*/, int64_t batch) {
     return {K::pack_weight(w, batch), b};
+  }
+  using RecurrentT = at::Tensor;
+  static RecurrentT recurrent_weight_t(const at::Tensor& w, int64_t batch) {
+    return K::pack_weight(w.t().contiguous(), batch);
+  }
+  static void recurrent_product_t(const RecurrentT& rt, const at::Tensor& d, at::Tensor& out,
+                                  bool accumulate) {
+    K::linear_into(out, d, rt, accumulate);
   }
   static void gru_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
                            const at::Tensor& hy, const at::Tensor& ws, Gate gate) {
@@ -328,7 +337,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
   at::Tensor d_gh = at::empty({s.rows, 3 * H}, x.options());
-  const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_gh W_hh
+  const typename K::RecurrentT w_hh_t = K::recurrent_weight_t(w_hh, s.batch);  // d_gh W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
     const int64_t n = s.sizes[t], off = s.offsets[t];
@@ -338,7 +347,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
     // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
     K::gru_pointwise_bwd(dh_t, seq::step_start(out, h0, s, t, reverse), seq::rows(workspace, off, n),
                          seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
-    K::linear_into(dh_t, d_gh_t, w_hh_t_packed, /*accumulate=*/true);
+    K::recurrent_product_t(w_hh_t, d_gh_t, dh_t, /*accumulate=*/true);
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[2];
@@ -436,7 +445,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor dc = seq::carried_grad(grad_cy, s, H, x);
   at::Tensor d_gates = at::empty({s.rows, 4 * H}, x.options());
-  const at::Tensor w_hh_t_packed = K::pack_weight(w_hh.t().contiguous(), s.batch);  // d_a W_hh
+  const typename K::RecurrentT w_hh_t = K::recurrent_weight_t(w_hh, s.batch);  // d_a W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;
     const int64_t n = s.sizes[t], off = s.offsets[t];
@@ -447,7 +456,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
     K::lstm_pointwise_bwd(dh_t, dc_t, seq::rows(workspace, off, n),
                           seq::step_start(cell_states, c0, s, t, reverse),
                           seq::rows(cell_states, off, n), d_gates_t, dc_t, g);
-    K::linear_into(dh_t, d_gates_t, w_hh_t_packed, /*accumulate=*/false);
+    K::recurrent_product_t(w_hh_t, d_gates_t, dh_t, /*accumulate=*/false);
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[3];

@@ -158,13 +158,16 @@ def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_steps_split_over_threads_match_torch(kind, dtype, threads):
-    # Steps big enough that the CPU forward's recurrent product (csrc/cpu/layer_products.h)
-    # splits the hidden units over threads, one vector of units per group: H = 204 is no multiple
-    # of the vector width (4 to 16 lanes), so the last group is partial; the packed, unsorted
-    # lengths shrink the batch from 32 step by step, so the kernel's row blocks take several
-    # sizes; both directions.
-    T, B, I, H = 6, 32, 24, 204
+@pytest.mark.parametrize("H", [204, 20, 370])
+def test_steps_split_over_threads_match_torch(kind, dtype, threads, H):
+    # Steps big enough that the CPU layers' products (csrc/cpu/layer_products.h) split over
+    # threads, by groups of units (one vector in the forward, four in the backward) and, where the
+    # groups are fewer than twice the threads (H = 20, and the backward at H = 204), by rows too;
+    # at H = 370 the LSTM's backward step product is past kOwnStepGradMacs (oneDNN's). No H is a
+    # multiple of the vector width (4 to 16 lanes), so the last group is partial;
+    # the packed, unsorted lengths shrink the batch from 32 step by step, so the kernel's row
+    # blocks take several sizes; both directions.
+    T, B, I = 6, 32, 24
     ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
     x = torch.randn(T, B, I, dtype=dtype)
     lengths = unsorted_lengths(T, B, 3)

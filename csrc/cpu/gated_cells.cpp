@@ -73,12 +73,12 @@ void lstm_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_
 struct CpuCellKernels {
  private:
   static PackedUnits packed(Scratch slot, const at::Tensor& w, const std::optional<at::Tensor>& b,
-                            int64_t chunks) {
+                            int64_t chunks, bool by_columns = false) {
     PackedUnits p;
     AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "mapopt_native packed weight", [&] {
-      const int64_t H = w.size(0) / chunks;
-      p = pack_units<scalar_t>(
-          w, b, chunks, scratch(slot, packed_units_size<scalar_t>(chunks, H, w.size(1)), w.options()));
+      const int64_t units = by_columns ? w.size(0) : w.size(0) / chunks;
+      const int64_t size = packed_units_size<scalar_t>(chunks, units, w.size(1), by_columns);
+      p = pack_units<scalar_t>(w, b, chunks, by_columns, scratch(slot, size, w.options()));
     });
     return p;
   }
@@ -181,6 +181,44 @@ struct CpuCellKernels {
   static PackedUnits recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
                                       int64_t chunks, int64_t /*batch*/) {
     return packed(Scratch::RecurrentWeight, w, b, chunks);
+  }
+
+  // The backward's recurrent product, out (+)= d W_hh (d: (n, chunks*H)). Up to
+  // kOwnStepGradMacs multiply-adds a step by the same kernel as the forward (W_hhᵀ packed by runs
+  // of 4 vectors of output columns, in the scratch slot of the forward's W_hh: a layer's backward
+  // never runs inside its forward), since oneDNN's call and fresh output cost about 20 us a step,
+  // most of a step at B = 8, H = 128; above, by oneDNN, which reads the backward's long rows
+  // (4H) better. LSTM training, A/B of the two on this project's 2-core EPYC: B = 8, H = 128
+  // 7.9 -> 6.2 ms, B = 8, H = 512 57 -> 51 ms (8.4M a step), B = 64, H = 128 even (4.2M),
+  // B = 64, H = 512 376 -> 388-408 ms (67M).
+  static constexpr int64_t kOwnStepGradMacs = int64_t{1} << 24;
+  struct RecurrentT {
+    PackedUnits own;    // our kernel's packing, or
+    at::Tensor onednn;  // oneDNN's
+  };
+  static RecurrentT recurrent_weight_t(const at::Tensor& w, int64_t batch) {
+    if (batch * w.size(0) * w.size(1) > kOwnStepGradMacs) {
+      return {{}, onednn_pack(w.t().contiguous(), batch)};
+    }
+    return {packed(Scratch::RecurrentWeight, w.t(), std::nullopt, 4, /*by_columns=*/true), {}};
+  }
+  static void recurrent_product_t(const RecurrentT& rt, const at::Tensor& d, at::Tensor& out,
+                                  bool accumulate) {
+    if (!rt.own.w.defined()) return onednn_linear_into(out, d, rt.onednn, accumulate);
+    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "mapopt_native recurrent gradient", [&] {
+      using V = Vectorized<scalar_t>;
+      constexpr int64_t L = V::size();
+      const auto out_r = rows_out<scalar_t>(out);
+      for_each_product_row<4, scalar_t>(rt.own, d, [&](int64_t r, int64_t j0, int64_t j1,
+                                                       const scalar_t* p) {
+        for (int64_t j = j0; j < j1; j += L) {
+          scalar_t* o = out_r[r] + j;
+          const int64_t n = std::min(L, j1 - j);
+          const V v = V::loadu(p + (j - j0));
+          store(accumulate ? v + load(o, n) : v, o, n);
+        }
+      });
+    });
   }
 
   // x Wᵀ + b (rows, chunks*H); in this thread's scratch unless `keep` (the caller holds on to it).

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -44,75 +45,91 @@ constexpr int64_t kMinStepWork = int64_t{1} << 16;
 // hidden units: group g holds, for every k, the weights of units [g L, g L + L) of each gate, as
 // `chunks` consecutive vectors (w[g][k][gate][lane], L = Vectorized<scalar_t>::size()); the bias
 // likewise b[g][gate][lane]. Units past H (the last group's tail) have zero weights.
+// By columns instead (a plain product: the backward's d W_hh), a weight (M, K) is regrouped by
+// runs of chunks*L output columns: group g's vector c holds columns (g chunks + c) L + lane.
 struct PackedUnits {
-  at::Tensor w;    // (groups, K, chunks, L)
-  at::Tensor b;    // (groups, chunks, L), or undefined
-  int64_t units;   // H
+  at::Tensor w;       // (groups, K, chunks, L)
+  at::Tensor b;       // (groups, chunks, L), or undefined
+  int64_t units = 0;  // H (by columns: M)
+  int64_t span = 0;   // units of a group: L (by columns: chunks L)
   int64_t groups() const { return w.size(0); }
   int64_t depth() const { return w.size(1); }
   int64_t chunks() const { return w.size(2); }
 };
 
-// (chunks*H, cols) rows regrouped into `packed` (groups, cols, chunks, L) as PackedUnits lays
-// them out, units past H zero: one pass, each group's block filled while it is in cache.
 template <class scalar_t>
-void regroup_units(const at::Tensor& t, int64_t chunks, int64_t H, at::Tensor& packed) {
+int64_t packed_span(int64_t chunks, bool by_columns) {
+  return (by_columns ? chunks : 1) * Vectorized<scalar_t>::size();
+}
+
+// Elements of the storage pack_units needs for a (chunks*H, K) weight and its bias (by columns:
+// (M, K) with units = M).
+template <class scalar_t>
+int64_t packed_units_size(int64_t chunks, int64_t units, int64_t K, bool by_columns) {
+  return at::ceil_div(units, packed_span<scalar_t>(chunks, by_columns)) * (K + 1) * chunks *
+         Vectorized<scalar_t>::size();
+}
+
+// The rows of t (any strides: a transposed weight is read in place) regrouped into `packed`
+// (groups, cols, chunks, L) as PackedUnits lays them out, units past the last zero: one pass, each
+// group's block filled while it is in cache.
+template <class scalar_t>
+void regroup_units(const at::Tensor& t, int64_t chunks, int64_t units, bool by_columns,
+                   at::Tensor& packed) {
   constexpr int64_t L = Vectorized<scalar_t>::size();
-  const at::Tensor src = t.contiguous();
-  const int64_t groups = at::ceil_div(H, L), cols = src.size(1);
-  const scalar_t* from = src.const_data_ptr<scalar_t>();
+  const int64_t groups = packed.size(0), cols = t.size(1);
+  const int64_t s0 = t.stride(0), s1 = t.stride(1);
+  const scalar_t* from = t.const_data_ptr<scalar_t>();
   scalar_t* to = packed.data_ptr<scalar_t>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t c = 0; c < chunks; ++c) {
-        for (int64_t lane = 0; lane < L; ++lane) {
-          const int64_t unit = g * L + lane;
-          const scalar_t* row = unit < H ? from + (c * H + unit) * cols : nullptr;
-          scalar_t* dst = to + (g * cols * chunks + c) * L + lane;
-          for (int64_t k = 0; k < cols; ++k) dst[k * chunks * L] = row ? row[k] : scalar_t(0);
+      for (int64_t k = 0; k < cols; ++k) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          scalar_t* dst = to + ((g * cols + k) * chunks + c) * L;
+          for (int64_t lane = 0; lane < L; ++lane) {
+            // Unit (by columns: column) u of vector c is row `row` of t.
+            const int64_t u = by_columns ? (g * chunks + c) * L + lane : g * L + lane;
+            const int64_t row = by_columns ? u : c * units + u;
+            dst[lane] = u < units ? from[row * s0 + k * s1] : scalar_t(0);
+          }
         }
       }
     }
   });
 }
 
-// w (chunks*H, K) and b (chunks*H) packed into `storage` (at least packed_units_size elements);
-// the result views it.
-template <class scalar_t>
-int64_t packed_units_size(int64_t chunks, int64_t H, int64_t K) {
-  constexpr int64_t L = Vectorized<scalar_t>::size();
-  return at::ceil_div(H, L) * (K + 1) * chunks * L;
-}
-
+// w and b packed into `storage` (at least packed_units_size elements); the result views it.
 template <class scalar_t>
 PackedUnits pack_units(const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t chunks,
-                       const at::Tensor& storage) {
+                       bool by_columns, const at::Tensor& storage) {
   constexpr int64_t L = Vectorized<scalar_t>::size();
-  const int64_t H = w.size(0) / chunks, K = w.size(1), groups = at::ceil_div(H, L);
-  const int64_t w_size = groups * K * chunks * L;
   PackedUnits p;
-  p.units = H;
+  p.units = by_columns ? w.size(0) : w.size(0) / chunks;
+  p.span = packed_span<scalar_t>(chunks, by_columns);
+  const int64_t K = w.size(1), groups = at::ceil_div(p.units, p.span);
+  const int64_t w_size = groups * K * chunks * L;
   p.w = storage.narrow(0, 0, w_size).view({groups, K, chunks, L});
-  regroup_units<scalar_t>(w, chunks, H, p.w);
+  regroup_units<scalar_t>(w, chunks, p.units, by_columns, p.w);
   if (b) {
     p.b = storage.narrow(0, w_size, groups * chunks * L).view({groups, 1, chunks, L});
-    regroup_units<scalar_t>(b->reshape({chunks * H, 1}), chunks, H, p.b);
+    regroup_units<scalar_t>(b->view({-1, 1}), chunks, p.units, by_columns, p.b);
     p.b = p.b.view({groups, chunks, L});
   }
   return p;
 }
 
-// out[r][c][lane] = b[c][lane] + sum_k h[r][k] w[k][c][lane] for R rows of h (row stride ldh)
-// against one group's weights; out holds R * C vectors.
+// out[r][c][lane] = init[r][c][lane] + sum_k h[r][k] w[k][c][lane] for R rows of h (row stride
+// ldh) against one group's weights, where init is out itself when `partial` (a sum over an earlier
+// range of k), else the bias b[c][lane] (zero if b is null); out holds R * C vectors.
 template <int C, int R, class scalar_t>
 void product_block(const scalar_t* h, int64_t ldh, const scalar_t* w, const scalar_t* b,
-                   int64_t K, scalar_t* out) {
+                   bool partial, int64_t K, scalar_t* out) {
   using V = Vectorized<scalar_t>;
   constexpr int L = V::size();
   V acc[R][C];
   for (int c = 0; c < C; ++c) {
-    const V init = b ? V::loadu(b + c * L) : V(scalar_t(0));
-    for (int r = 0; r < R; ++r) acc[r][c] = init;
+    const V bias = b ? V::loadu(b + c * L) : V(scalar_t(0));
+    for (int r = 0; r < R; ++r) acc[r][c] = partial ? V::loadu(out + (r * C + c) * L) : bias;
   }
   for (int64_t k = 0; k < K; ++k) {
     V wk[C];
@@ -130,16 +147,26 @@ void product_block(const scalar_t* h, int64_t ldh, const scalar_t* w, const scal
 // product_block for a run-time row count 1 <= rows <= block_rows<C>().
 template <int C, class scalar_t, int... R>
 void product_rows(int rows, const scalar_t* h, int64_t ldh, const scalar_t* w, const scalar_t* b,
-                  int64_t K, scalar_t* out, std::integer_sequence<int, R...>) {
-  using Fn = void (*)(const scalar_t*, int64_t, const scalar_t*, const scalar_t*, int64_t,
+                  bool partial, int64_t K, scalar_t* out, std::integer_sequence<int, R...>) {
+  using Fn = void (*)(const scalar_t*, int64_t, const scalar_t*, const scalar_t*, bool, int64_t,
                       scalar_t*);
   static constexpr Fn kByRows[] = {&product_block<C, R + 1, scalar_t>...};
-  kByRows[rows - 1](h, ldh, w, b, K, out);
+  kByRows[rows - 1](h, ldh, w, b, partial, K, out);
+}
+
+// Weight rows (k) of a group taken at once: a group's slice of at most 128 KiB stays in L2 while
+// every block of rows uses it. Longer products (the backward's K = 4H) run in slices, each block's
+// sums kept between them.
+template <int C, class scalar_t>
+constexpr int64_t depth_slice() {
+  return std::max<int64_t>(1, (int64_t{128} << 10) /
+                                  (C * Vectorized<scalar_t>::size() * int64_t(sizeof(scalar_t))));
 }
 
 // For the (n, K) rows x: the product x Wᵀ + b of a packed weight, one group of units and a block
 // of rows at a time, split over threads by groups; after each block, fn(row, j0, j1, p) for each
-// of its rows, where units [j0, j1) are the group's and gate c of unit j is at p[c * L + j - j0].
+// of its rows, where units [j0, j1) are the group's and gate c of unit j is at p[c * L + j - j0]
+// (by columns: column j at p[j - j0]).
 template <int C, class scalar_t, class F>
 void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& fn) {
   using V = Vectorized<scalar_t>;
@@ -151,28 +178,48 @@ void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& f
   const scalar_t* xp = xc.const_data_ptr<scalar_t>();
   const scalar_t* wp = pw.w.const_data_ptr<scalar_t>();
   const scalar_t* bp = pw.b.defined() ? pw.b.const_data_ptr<scalar_t>() : nullptr;
-  // Threads take groups one at a time from a shared counter rather than a fixed share each: on
-  // a shared machine one thread is often held up for part of a step, and with fixed shares the
-  // others would wait for it at the step's end.
-  const int64_t groups = pw.groups();
-  const int64_t grain = std::max<int64_t>(1, kMinStepWork / std::max<int64_t>(1, n * K * C * L));
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), at::ceil_div(groups, grain));
+  // Tasks are a group of units and a range of rows; threads take them one at a time from a shared
+  // counter rather than a fixed share each: on a shared machine one thread is often held up for
+  // part of a step, and with fixed shares the others would wait for it at the step's end. Rows
+  // are split only where there are too few groups to go round the threads (each part reads the
+  // group's weights again).
+  if (n == 0 || pw.groups() == 0) return;
+  const int64_t groups = pw.groups(), blocks = at::ceil_div<int64_t>(n, MR);
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::clamp<int64_t>(at::ceil_div(2 * threads, groups), 1, blocks);
+  const int64_t tasks = groups * parts;
+  const int64_t task_work = std::max<int64_t>(1, n * K * C * L / parts);
+  const int64_t grain = std::max<int64_t>(1, kMinStepWork / task_work);
+  const int64_t workers = std::min<int64_t>(threads, at::ceil_div(tasks, grain));
+  constexpr int64_t KS = depth_slice<C, scalar_t>();
+  const bool sliced = K > KS;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    alignas(64) scalar_t block[MR * C * L];
-    for (int64_t g; (g = next.fetch_add(1, std::memory_order_relaxed)) < groups;) {
+    // The sums of a block of rows; of every row when the product runs in slices of k.
+    std::vector<V> sums(static_cast<size_t>((sliced ? n : MR) * C));
+    scalar_t* buf = reinterpret_cast<scalar_t*>(sums.data());
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t g = task / parts, part = task % parts;
       const scalar_t* wg = wp + g * K * C * L;
       const scalar_t* bg = bp ? bp + g * C * L : nullptr;
-      const int64_t j0 = g * L, j1 = std::min(H, j0 + L);
-      // Blocks of at most MR rows, as even as they come (8 rows: 4 + 4, not 6 + 2): a block of
-      // few rows loads a weight vector for few multiply-adds.
-      const int64_t blocks = at::ceil_div<int64_t>(n, MR);
-      for (int64_t i = 0, m = 0; i < blocks; ++i) {
-        const int rows = static_cast<int>(at::ceil_div<int64_t>(n - m, blocks - i));
-        product_rows<C>(rows, xp + m * K, K, wg, bg, K, block,
-                        std::make_integer_sequence<int, MR>{});
-        for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
-        m += rows;
+      const int64_t j0 = g * pw.span, j1 = std::min(H, j0 + pw.span);
+      // This part's blocks of at most MR rows, as even as they come (8 rows: 4 + 4, not 6 + 2):
+      // a block of few rows loads a weight vector for few multiply-adds.
+      const int64_t b0 = blocks * part / parts, b1 = blocks * (part + 1) / parts;
+      const int64_t m0 = n * b0 / blocks, m1 = n * b1 / blocks;
+      for (int64_t k0 = 0; k0 < K; k0 += KS) {
+        const int64_t depth = std::min(KS, K - k0);
+        const bool last = k0 + depth == K;
+        for (int64_t i = b0, m = m0; i < b1; ++i) {
+          const int rows = static_cast<int>(at::ceil_div<int64_t>(m1 - m, b1 - i));
+          scalar_t* block = buf + (sliced ? m : 0) * C * L;
+          product_rows<C>(rows, xp + m * K + k0, K, wg + k0 * C * L, bg, k0 > 0, depth, block,
+                          std::make_integer_sequence<int, MR>{});
+          if (last) {
+            for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
+          }
+          m += rows;
+        }
       }
     }
   });
