@@ -336,27 +336,36 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
-  at::Tensor d_gh = at::empty({s.rows, 3 * H}, x.options());
+  // The recurrent projection's gradient differs from the input projection's only in its n part
+  // (d gh_r = d gi_r, d gh_z = d gi_z; MATH.md §1): a step's whole row lives in a step buffer for
+  // the recurrent product, and only the n part is kept, a third of the memory.
+  at::Tensor d_gh_step = at::empty({s.batch, 3 * H}, x.options());
+  at::Tensor d_gh_n = at::empty({s.rows, H}, x.options());
   const typename K::RecurrentT w_hh_t = K::recurrent_weight_t(w_hh, s.batch);  // d_gh W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
     const int64_t n = s.sizes[t], off = s.offsets[t];
     at::Tensor dh_t = seq::rows(dh, 0, n);
     if (gout.defined()) dh_t.add_(seq::rows(gout, off, n));
-    at::Tensor d_gh_t = seq::rows(d_gh, off, n);
+    at::Tensor d_gh_t = seq::rows(d_gh_step, 0, n);
     // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
-    K::gru_pointwise_bwd(dh_t, seq::step_start(out, h0, s, t, reverse), seq::rows(workspace, off, n),
-                         seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
+    K::gru_pointwise_bwd(dh_t, seq::step_start(out, h0, s, t, reverse),
+                         seq::rows(workspace, off, n), seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
+    seq::rows(d_gh_n, off, n).copy_(d_gh_t.narrow(1, 2 * H, H));
     K::recurrent_product_t(w_hh_t, d_gh_t, dh_t, /*accumulate=*/true);
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[2];
+  const at::Tensor d_rz = d_gi.narrow(1, 0, 2 * H);
+  at::Tensor gb_ih = params && has_bias ? d_gi.sum(0) : none();
   return {output_mask[0] ? seq::shaped_like_input(seq::input_grad<K>(d_gi, w_ih), input) : none(),
           output_mask[1] ? dh : none(),
           params ? at::mm(d_gi.t(), x) : none(),
-          params ? seq::recurrent_weight_grad(d_gh, out, h0, s, reverse) : none(),
-          params && has_bias ? d_gi.sum(0) : none(),
-          params && has_bias ? d_gh.sum(0) : none()};
+          params ? at::cat({seq::recurrent_weight_grad(d_rz, out, h0, s, reverse),
+                            seq::recurrent_weight_grad(d_gh_n, out, h0, s, reverse)})
+                 : none(),
+          gb_ih,
+          params && has_bias ? at::cat({gb_ih.narrow(0, 0, 2 * H), d_gh_n.sum(0)}) : none()};
 }
 
 // ------------------------------------------------------------------------------------ LSTM
