@@ -253,8 +253,8 @@ struct StepByProduct {
     return K::linear(x, in.w, in.b);
   }
   static Recurrent recurrent_weight(const at::Tensor& w, const std::optional<at::Tensor>& b,
-                                    int64_t /*chunks*/, int64_t batch) {
-    return {K::pack_weight(w, batch), b};
+                                    int64_t chunks, int64_t batch) {
+    return input_weight(w, b, chunks, batch);
   }
   using RecurrentT = at::Tensor;
   static RecurrentT recurrent_weight_t(const at::Tensor& w, int64_t batch) {

@@ -192,19 +192,20 @@ struct CpuCellKernels {
   // 7.9 -> 6.2 ms, B = 8, H = 512 57 -> 51 ms (8.4M a step), B = 64, H = 128 even (4.2M),
   // B = 64, H = 512 376 -> 388-408 ms (67M).
   static constexpr int64_t kOwnStepGradMacs = int64_t{1} << 24;
+  using Plain = StepByProduct<CpuCellKernels>;  // the product through linear_into
   struct RecurrentT {
-    PackedUnits own;    // our kernel's packing, or
-    at::Tensor onednn;  // oneDNN's
+    PackedUnits own;          // our kernel's packing, or
+    Plain::RecurrentT plain;  // the plain path's (oneDNN)
   };
   static RecurrentT recurrent_weight_t(const at::Tensor& w, int64_t batch) {
     if (batch * w.size(0) * w.size(1) > kOwnStepGradMacs) {
-      return {{}, onednn_pack(w.t().contiguous(), batch)};
+      return {{}, Plain::recurrent_weight_t(w, batch)};
     }
     return {packed(Scratch::RecurrentWeight, w.t(), std::nullopt, 4, /*by_columns=*/true), {}};
   }
   static void recurrent_product_t(const RecurrentT& rt, const at::Tensor& d, at::Tensor& out,
                                   bool accumulate) {
-    if (!rt.own.w.defined()) return onednn_linear_into(out, d, rt.onednn, accumulate);
+    if (!rt.own.w.defined()) return Plain::recurrent_product_t(rt.plain, d, out, accumulate);
     AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "mapopt_native recurrent gradient", [&] {
       using V = Vectorized<scalar_t>;
       constexpr int64_t L = V::size();

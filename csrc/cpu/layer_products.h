@@ -1,7 +1,7 @@
 // The CPU layers' matrix products, by our own register-blocked kernel over weights regrouped by
-// vectors of hidden units (PackedUnits): the input projection of a block of steps, and each step's
+// vectors of hidden units (PackedUnits): the input projection of a block of steps, each step's
 // recurrent product h W_hhᵀ (+ b_hh), which hands every block of gate pre-activations straight to
-// the pointwise math while it is in L1.
+// the pointwise math while it is in L1, and the backward's step product d W_hh (by columns).
 //
 // Why not oneDNN: a step's product is small (B rows), so oneDNN's call through ATen costs about
 // 20 us, and its output, a fresh tensor every step, is first-touched memory that glibc keeps handing
@@ -178,12 +178,12 @@ void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& f
   const scalar_t* xp = xc.const_data_ptr<scalar_t>();
   const scalar_t* wp = pw.w.const_data_ptr<scalar_t>();
   const scalar_t* bp = pw.b.defined() ? pw.b.const_data_ptr<scalar_t>() : nullptr;
+  if (n == 0 || pw.groups() == 0) return;
   // Tasks are a group of units and a range of rows; threads take them one at a time from a shared
   // counter rather than a fixed share each: on a shared machine one thread is often held up for
   // part of a step, and with fixed shares the others would wait for it at the step's end. Rows
   // are split only where there are too few groups to go round the threads (each part reads the
   // group's weights again).
-  if (n == 0 || pw.groups() == 0) return;
   const int64_t groups = pw.groups(), blocks = at::ceil_div<int64_t>(n, MR);
   const int64_t threads = at::get_num_threads();
   const int64_t parts = std::clamp<int64_t>(at::ceil_div(2 * threads, groups), 1, blocks);
