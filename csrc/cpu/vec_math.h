@@ -19,16 +19,29 @@ using at::vec::Vectorized;
 // machines. These inline into the unit's math: an LSTM unit's forward takes 42 instead of 51 ns per
 // 16 units (tests/cpp/test_vec_math.cpp checks both within 2 ulp of libm at every SIMD level).
 
-// For y (NaN or in [-104, 89]): 2^n and r with y = n ln 2 + r, |r| <= ln(2)/2 (ln 2 in two parts,
-// so r is exact), and e^r - 1 by its Taylor polynomial of degree 7 (truncation 0.05 ulp). Returns
-// e^r - 1; 2^n as two factors 2^n1 2^n2, each a normal float for every n this range gives.
+// v 2^n for n a float holding an integer in [-150, 130]: one scalef on AVX-512 (which rounds a
+// denormal result once); elsewhere a product by two powers of two, each a normal float.
+inline Vectorized<float> times_pow2(const Vectorized<float>& v, const Vectorized<float>& n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_scalef_ps(v, n);
+#else
+  using I = Vectorized<int32_t>;
+  const I ni = at::vec::convert_to_int_of_same_size(n);
+  const I n1 = ni >> I(1);
+  const auto pow2 = [](const I& k) { return at::vec::cast<float>((k + I(127)) << I(23)); };
+  return v * pow2(n1) * pow2(ni - n1);
+#endif
+}
+
+// For y (NaN or in [-104, 89]): n and r with y = n ln 2 + r, |r| <= ln(2)/2 (ln 2 in two parts,
+// so r is exact), and e^r - 1 by its Taylor polynomial of degree 7 (truncation 0.05 ulp); e^y is
+// times_pow2(1 + (e^r - 1), n).
 struct ExpParts {
-  Vectorized<float> em1_r, scale1, scale2;
+  Vectorized<float> em1_r, n;
 };
 
 inline ExpParts exp_parts(const Vectorized<float>& y) {
   using V = Vectorized<float>;
-  using I = Vectorized<int32_t>;
   const V n = (y * V(1.44269504088896341f)).round();
   V r = at::vec::fmadd(n, V(-0.693145751953125f), y);
   r = at::vec::fmadd(n, V(-1.42860682030941723e-6f), r);
@@ -37,28 +50,25 @@ inline ExpParts exp_parts(const Vectorized<float>& y) {
   p = at::vec::fmadd(p, r, V(1.f / 24));
   p = at::vec::fmadd(p, r, V(1.f / 6));
   p = at::vec::fmadd(p, r, V(0.5f));
-  const I ni = at::vec::convert_to_int_of_same_size(n);
-  const I n1 = ni >> I(1);
-  const auto pow2 = [](const I& k) { return at::vec::cast<float>((k + I(127)) << I(23)); };
   // r + r^2 (1/2 + ...), the small term rounded apart: within about half an ulp.
-  return {at::vec::fmadd(p * r, r, r), pow2(n1), pow2(ni - n1)};
+  return {at::vec::fmadd(p * r, r, r), n};
 }
 
-// e^x; NaN stays NaN, below -104 the result is 0 (denormal results are made by the last
-// product), above 89 infinity.
+// e^x; NaN stays NaN, below -104 the result is 0, above 89 infinity. The clamps keep NaN (ATen's
+// clamp puts x second in the SIMD min / max, which return their second operand on NaN).
 inline Vectorized<float> exp_f32(const Vectorized<float>& x) {
   using V = Vectorized<float>;
-  const ExpParts e = exp_parts(at::vec::minimum(at::vec::maximum(x, V(-104.f)), V(89.f)));
-  return (e.em1_r + V(1.f)) * e.scale1 * e.scale2;
+  const ExpParts e = exp_parts(at::vec::clamp(x, V(-104.f), V(89.f)));
+  return times_pow2(e.em1_r + V(1.f), e.n);
 }
 
 // tanh|x| = m / (m + 2) with m = e^{2|x|} - 1 = 2^n (e^r - 1) + (2^n - 1), which has no
 // cancellation near 0; |x| is clamped to 9.1, where tanh rounds to 1. The sign is x's.
 inline Vectorized<float> tanh_f32(const Vectorized<float>& x) {
   using V = Vectorized<float>;
-  const V a = at::vec::minimum(x.abs(), V(9.1f));
+  const V a = at::vec::clamp_max(x.abs(), V(9.1f));
   const ExpParts e = exp_parts(a + a);
-  const V s = e.scale1 * e.scale2;
+  const V s = times_pow2(V(1.f), e.n);
   const V m = at::vec::fmadd(s, e.em1_r, s - V(1.f));
   return (m / (m + V(2.f))) | (x & V(-0.f));
 }
