@@ -146,7 +146,7 @@ def assert_runs_close(ours, theirs, grad_scale):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_long_sequences_projected_in_blocks_match_torch(kind, dtype, packed):
-    # Sizes whose input projection exceeds the CPU block budget (4 MiB: csrc/cpu/gated_cells.cpp),
+    # Sizes whose input projection exceeds the CPU block budget (512 KiB: csrc/cpu/gated_cells.cpp),
     # so it is made in several blocks, block edges falling inside the packed batch's shrinking.
     T, B, I, H = 100, 64, 16, 64
     ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
