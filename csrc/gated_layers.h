@@ -164,9 +164,11 @@ inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
 template <class K>
 class Projection {
  public:
+  // keep_whole: the caller holds on to the whole sequence's projection (the LSTM's training
+  // workspace) when one product covers it; anything else may live in the backend's scratch.
   Projection(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
-             int64_t chunks, const Steps& s, bool reverse)
-      : x_(x), s_(s), reverse_(reverse) {
+             int64_t chunks, const Steps& s, bool reverse, bool keep_whole)
+      : x_(x), s_(s), reverse_(reverse), keep_whole_(keep_whole) {
     const int64_t row_bytes = w.size(0) * x.element_size();
     max_rows_ = std::max<int64_t>(1, K::kProjectionBytes / std::max<int64_t>(row_bytes, 1));
     whole_ = s.rows <= max_rows_;
@@ -197,15 +199,14 @@ class Projection {
     }
     first_ = lo;
     last_ = hi;
-    // A block of a longer sequence lives until the next; the whole sequence's projection may be
-    // kept by the caller (the LSTM's workspace).
-    block_ = K::project(w_, rows(x_, s_.offsets[lo], count), /*keep=*/whole_);
+    // A block of a longer sequence lives until the next.
+    block_ = K::project(w_, rows(x_, s_.offsets[lo], count), /*keep=*/whole_ && keep_whole_);
   }
 
   const at::Tensor& x_;
   typename K::Input w_;
   const Steps& s_;
-  const bool reverse_;
+  const bool reverse_, keep_whole_;
   int64_t max_rows_ = 0;
   bool whole_ = false;
   at::Tensor block_;
@@ -290,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
   check_state(hx, "hx", s.batch, H, input);
   c10::OptionalDeviceGuard guard(input.device());
 
-  seq::Projection<K> gi(x, w_ih, b_ih, 3, s, reverse);
+  seq::Projection<K> gi(x, w_ih, b_ih, 3, s, reverse, /*keep_whole=*/false);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, b_hh, 3, s.batch);
   at::Tensor out = at::empty({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
@@ -385,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   c10::OptionalDeviceGuard guard(input.device());
 
   const std::optional<at::Tensor> bias = detail::summed_bias(b_ih, b_hh);
-  seq::Projection<K> gi(x, w_ih, bias, 4, s, reverse);
+  seq::Projection<K> gi(x, w_ih, bias, 4, s, reverse, /*keep_whole=*/need_workspace);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, std::nullopt, 4, s.batch);
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.
