@@ -193,6 +193,33 @@ def test_buffers_kept_between_calls(kind):
         assert_runs_close(run_sequence(ours, x), run_sequence(theirs, x), 100)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_weights_of_any_strides(kind, dtype):
+    # The CPU layers regroup the weights they are given in place of a copy (layer_products.h):
+    # transposed weights (columns contiguous) and a strided bias must give what their contiguous
+    # copies give (those are checked against torch above), forward and backward.
+    T, B, I, H = 5, 3, 24, 20
+    chunks = 3 if kind == "gru" else 4
+    x = torch.randn(T, B, I, dtype=dtype)
+    states = [torch.randn(B, H, dtype=dtype) for _ in range(1 if kind == "gru" else 2)]
+    C = chunks * H
+    strided = [torch.randn(I, C, dtype=dtype).t(), torch.randn(H, C, dtype=dtype).t(),
+               torch.randn(2 * C, dtype=dtype)[::2], torch.randn(C, dtype=dtype)]
+    assert not any(w.is_contiguous() for w in strided[:3])
+    layer = getattr(ops, f"gated_{kind}_seq_fwd")
+    outputs = 1 + len(states)  # output and final states; the workspace after them
+    runs = []
+    for weights in (strided, [w.contiguous() for w in strided]):
+        leaves = [leaf(t) for t in [x] + states + weights]
+        out = layer(*leaves, None, False, "sigmoid", True)[:outputs]
+        gen = torch.Generator().manual_seed(0)
+        loss = sum((o * torch.randn(o.shape, dtype=dtype, generator=gen)).sum() for o in out)
+        runs.append(list(out) + list(torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def weights_of(module):
     return [module._weights(layer, d) for layer in range(module.num_layers)
             for d in range(module.num_directions)]

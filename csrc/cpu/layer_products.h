@@ -70,27 +70,44 @@ int64_t packed_units_size(int64_t chunks, int64_t units, int64_t K, bool by_colu
          Vectorized<scalar_t>::size();
 }
 
+// Elements below which regroup_units runs on the calling thread: a parallel region costs more
+// than regrouping a small weight.
+constexpr int64_t kRegroupGrain = int64_t{1} << 16;
+
 // The rows of t (any strides: a transposed weight is read in place) regrouped into `packed`
-// (groups, cols, chunks, L) as PackedUnits lays them out, units past the last zero: one pass, each
-// group's block filled while it is in cache.
+// (groups, cols, chunks, L) as PackedUnits lays them out, units past the last zero. Vector c of
+// group g takes L consecutive rows of t, so each is a transposed (L, cols) tile: ATen's SIMD
+// transpose when t's rows are contiguous (W), else a strided copy (contiguous runs for a Wᵀ).
 template <class scalar_t>
 void regroup_units(const at::Tensor& t, int64_t chunks, int64_t units, bool by_columns,
                    at::Tensor& packed) {
   constexpr int64_t L = Vectorized<scalar_t>::size();
-  const int64_t groups = packed.size(0), cols = t.size(1);
+  const int64_t groups = packed.size(0), cols = t.size(1), width = chunks * L;
   const int64_t s0 = t.stride(0), s1 = t.stride(1);
   const scalar_t* from = t.const_data_ptr<scalar_t>();
   scalar_t* to = packed.data_ptr<scalar_t>();
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  const int64_t grain = std::max<int64_t>(1, kRegroupGrain / (cols * width));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t k = 0; k < cols; ++k) {
-        for (int64_t c = 0; c < chunks; ++c) {
-          scalar_t* dst = to + ((g * cols + k) * chunks + c) * L;
-          for (int64_t lane = 0; lane < L; ++lane) {
-            // Unit (by columns: column) u of vector c is row `row` of t.
-            const int64_t u = by_columns ? (g * chunks + c) * L + lane : g * L + lane;
-            const int64_t row = by_columns ? u : c * units + u;
-            dst[lane] = u < units ? from[row * s0 + k * s1] : scalar_t(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        // Units (by columns: columns) [u0, u0 + m) of vector c are rows [row0, row0 + m) of t.
+        const int64_t u0 = by_columns ? (g * chunks + c) * L : g * L;
+        const int64_t m = std::clamp<int64_t>(units - u0, 0, L);
+        const int64_t row0 = by_columns ? u0 : c * units + u0;
+        scalar_t* dst = to + g * cols * width + c * L;  // (k, lane) at dst[k width + lane]
+        if (m < L) {
+          for (int64_t k = 0; k < cols; ++k) std::fill_n(dst + k * width + m, L - m, scalar_t(0));
+        }
+        if (m == 0) continue;
+        const scalar_t* src = from + row0 * s0;  // (lane, k) at src[lane s0 + k s1]
+        if (s1 == 1) {
+          at::vec::transpose_mxn<scalar_t>(src, s0, dst, width, static_cast<int>(m),
+                                           static_cast<int>(cols));
+        } else {
+          for (int64_t k = 0; k < cols; ++k) {
+            for (int64_t lane = 0; lane < m; ++lane) {
+              dst[k * width + lane] = src[lane * s0 + k * s1];
+            }
           }
         }
       }
