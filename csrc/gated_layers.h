@@ -167,9 +167,9 @@ inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
 // The input projection x W_ihᵀ + b of every step, made a block of consecutive steps at a time,
 // in processing order, into blocks of at most K::kProjectionBytes. Why: on the CPU a whole
 // sequence's projection (rows x 4H) would be written to fresh memory and read back once, and first
-// touching that much memory costs about as much as the pass; a block of a few MB stays in cache
-// (and the CPU backend keeps it between calls, cpu/scratch.h). On CUDA the budget is unlimited:
-// the whole sequence is one product.
+// touching that much memory costs about as much as the pass; a block of half a MB stays in a
+// core's L2 until its steps read it (and the CPU backend keeps it between calls, cpu/scratch.h).
+// On CUDA the budget is unlimited: the whole sequence is one product.
 template <class K>
 class Projection {
  public:
