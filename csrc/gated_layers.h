@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -117,25 +118,33 @@ inline at::Tensor step_start(const at::Tensor& states, const at::Tensor& initial
                      s.sizes[t]);
 }
 
-// dᵀ S for d (N, chunks*H) and S (N, H) the state each row's step started from: the recurrent
-// weight's gradient. With every step of the same batch size S is the output shifted by one step
-// with the initial state at the end it leaves open, so this is two products on views; packed
-// sequences whose batch shrinks gather S first.
-inline at::Tensor recurrent_weight_grad(const at::Tensor& d, const at::Tensor& states,
-                                        const at::Tensor& initial, const Steps& s, bool reverse) {
+// The recurrent weight's gradient: dᵀ S for each d (N, m) of `ds`, stacked by rows, where S (N, H)
+// is the state each row's step started from. With every step of the same batch size S is the
+// output shifted by one step with the initial state at the end it leaves open, so each is two
+// products on views; packed sequences whose batch shrinks gather S first, once for every d.
+inline at::Tensor recurrent_weight_grad(std::initializer_list<at::Tensor> ds,
+                                        const at::Tensor& states, const at::Tensor& initial,
+                                        const Steps& s, bool reverse) {
   const int64_t B = s.batch, N = s.rows;
+  std::vector<at::Tensor> grads;
   if (!std::all_of(s.sizes.begin(), s.sizes.end(), [&](int64_t n) { return n == B; })) {
     at::Tensor prev = at::empty(states.sizes(), states.options());
     for (int64_t t = 0; t < s.T(); ++t) {
       rows(prev, s.offsets[t], s.sizes[t]).copy_(step_start(states, initial, s, t, reverse));
     }
-    return at::mm(d.t(), prev);
+    for (const at::Tensor& d : ds) grads.push_back(at::mm(d.t(), prev));
+  } else {
+    // Going forward the first step starts from the initial state and step t from step t - 1; in
+    // reverse the last step starts from it and step t from step t + 1.
+    for (const at::Tensor& d : ds) {
+      at::Tensor g = at::mm(rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B));
+      if (N > B) {
+        g.addmm_(rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B));
+      }
+      grads.push_back(std::move(g));
+    }
   }
-  // Going forward the first step starts from the initial state and step t from step t - 1; in
-  // reverse the last step starts from it and step t from step t + 1.
-  at::Tensor g = at::mm(rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B));
-  if (N > B) g.addmm_(rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B));
-  return g;
+  return grads.size() == 1 ? grads[0] : at::cat(grads);
 }
 
 // The final state of each sequence: for the forward direction the sequence's last step, for the
@@ -371,9 +380,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   return {output_mask[0] ? seq::shaped_like_input(seq::input_grad<K>(d_gi, w_ih), input) : none(),
           output_mask[1] ? dh : none(),
           params ? at::mm(d_gi.t(), x) : none(),
-          params ? at::cat({seq::recurrent_weight_grad(d_rz, out, h0, s, reverse),
-                            seq::recurrent_weight_grad(d_gh_n, out, h0, s, reverse)})
-                 : none(),
+          params ? seq::recurrent_weight_grad({d_rz, d_gh_n}, out, h0, s, reverse) : none(),
           gb_ih,
           params && has_bias ? at::cat({gb_ih.narrow(0, 0, 2 * H), d_gh_n.sum(0)}) : none()};
 }
@@ -486,7 +493,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
           output_mask[1] ? dh : none(),
           output_mask[2] ? dc : none(),
           params ? at::mm(d_gates.t(), x) : none(),
-          params ? seq::recurrent_weight_grad(d_gates, out, h0, s, reverse) : none(),
+          params ? seq::recurrent_weight_grad({d_gates}, out, h0, s, reverse) : none(),
           gb,
           gb.clone()};
 }
