@@ -263,6 +263,30 @@ def test_unbatched_and_default_state(kind):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_autocast_runs_cells_in_float32(kind):
+    # Under autocast a cell takes the lower-precision input and state and runs as the float32 cell
+    # does on them; outputs and every gradient (backward inside the region) match that run.
+    torch.manual_seed(0)
+    lin, cell = torch.nn.Linear(5, 5), CELLS[kind][0](5, 7)
+    x = torch.randn(4, 5)
+    state = make_states(kind, 4, 7, torch.float32)
+    results = []
+    for to_float32 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+            s = tuple(t.bfloat16() for t in flat(state))
+            if to_float32:
+                y, s = y.float(), tuple(t.float() for t in s)
+            out = flat(cell(y, s[0] if kind == "gru" else s))
+            assert all(o.dtype == torch.float32 for o in out)
+            loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out)
+            grads = torch.autograd.grad(loss, list(lin.parameters()) + list(cell.parameters()))
+        results.append((*out, *grads))
+    for a, b in zip(*results):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_state_dict_round_trip_and_init(kind):
     ours_cls, torch_cls = CELLS[kind]
     theirs, ours = torch_cls(11, 13), ours_cls(11, 13, gate="trig")
@@ -323,7 +347,7 @@ def test_dtype_mismatch():
     with pytest.raises(TypeError, match="input has dtype Double but weight_ih has dtype Float|"
                        "weight_ih has dtype Float but input has dtype Double"):
         cell(torch.randn(3, 5, dtype=torch.float64))
-    with pytest.raises(TypeError, match="input must have a floating dtype, got Long"):
+    with pytest.raises(TypeError, match="input must be float32 or float64 on the CPU, got Long"):
         gated_gru_cell(torch.ones(3, 5, dtype=torch.long), torch.zeros(3, 7), cell.weight_ih,
                        cell.weight_hh)
 

@@ -411,6 +411,69 @@ def test_dropout_between_layers_in_training_only():
     assert (out_eval - out_train).abs().max() > 1e-3
 
 
+# ------------------------------------------------------------------ drop-in details
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_rnn_base_extras(kind):
+    # What code written for nn.GRU / nn.LSTM reads or calls besides forward.
+    for bias in (True, False):
+        ours, theirs = matching_pair(kind, 3, 5, torch.float32, num_layers=2, bidirectional=True,
+                                     bias=bias)
+        assert ours.proj_size == theirs.proj_size == 0
+        before = [p.clone() for p in ours.parameters()]
+        assert ours.flatten_parameters() is None
+        assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))
+        assert len(ours.all_weights) == len(theirs.all_weights) == 4
+        for a, b in zip(ours.all_weights, theirs.all_weights):
+            assert len(a) == len(b) == (4 if bias else 2)
+            assert all(isinstance(p, torch.nn.Parameter) and torch.equal(p, q)
+                       for p, q in zip(a, b))
+
+
+def _autocast_model(kind, compiled):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 6),
+                                 "rnn": LAYERS[kind][0](6, 8, num_layers=2, bidirectional=True)})
+    def run(x, to_float32):  # noqa: E306
+        y = model["lin"](x)  # bfloat16 under autocast
+        out, finals = model["rnn"](y.float() if to_float32 else y)
+        return out, as_tuple(finals)
+    return model, torch.compile(run, fullgraph=True) if compiled else run
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_runs_layers_in_float32(kind, compiled):
+    # Under autocast a layer takes the lower-precision input and runs as the float32 model does on
+    # it: outputs and its gradients (the backward also inside the region) equal those of the
+    # float32 layer fed the same rounded input. The input's gradient is summed in bfloat16 from the
+    # two directions' casts (autocast's way), in float32 from one .float(): the Linear's gradients
+    # agree to bfloat16's precision.
+    model, run = _autocast_model(kind, compiled)
+    torch._dynamo.reset()
+    x = torch.randn(5, 3, 6)
+    results = []
+    for to_float32 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, finals = run(x, to_float32)
+            assert out.dtype == torch.float32 and all(f.dtype == torch.float32 for f in finals)
+            loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum()
+                       for t in (out,) + finals)
+            lin, rnn = (list(model[k].parameters()) for k in ("lin", "rnn"))
+            grads = torch.autograd.grad(loss, lin + rnn)
+        results.append({"outputs": (out, *finals), "rnn": grads[len(lin):],
+                        "lin": grads[:len(lin)]})
+    autocast, float32 = results
+    for part, dtype in (("outputs", None), ("rnn", None), ("lin", torch.bfloat16)):
+        for a, b in zip(autocast[part], float32[part], strict=True):
+            assert_close(a, b, dtype=dtype, scale=4)
+    # float64 is left alone by autocast.
+    rnn = LAYERS[kind][0](6, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rnn(torch.randn(5, 3, 6, dtype=torch.float64))[0].dtype == torch.float64
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -419,6 +482,13 @@ def test_wrong_hx_shape():
         GatedGRU(4, 5, num_layers=2)(torch.randn(6, 3, 4), torch.randn(1, 3, 5))
     with pytest.raises(ValueError, match=r"c_0 must have shape \[1, 3, 5\]"):
         GatedLSTM(4, 5)(torch.randn(6, 3, 4), (torch.randn(1, 3, 5), torch.randn(1, 2, 5)))
+
+
+def test_half_precision_on_the_cpu():
+    module = GatedLSTM(4, 5).bfloat16()
+    with pytest.raises(TypeError, match="input must be float32 or float64 on the CPU, got "
+                       r"BFloat16 \(under torch.autocast"):
+        module(torch.randn(6, 3, 4, dtype=torch.bfloat16))
 
 
 def test_wrong_input_size():
@@ -488,3 +558,14 @@ def test_cuda_matches_cpu(kind, gate, dtype, packed):
     for a, b in zip(results[1][-len(list(gpu.parameters())) - 1:],
                     results[0][-len(list(cpu.parameters())) - 1:]):
         assert_close(a.cpu().double(), b, dtype=dtype, scale=40)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_cuda_autocast_runs_layers_in_float32(kind):
+    rnn = LAYERS[kind][0](6, 8, num_layers=2, device="cuda")
+    x = torch.randn(5, 3, 6, device="cuda").half()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out, _ = rnn(x)
+    assert out.dtype == torch.float32
+    assert_close(out, rnn(x.float())[0])

@@ -47,12 +47,26 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
                     ", got ", t.sizes());
 }
 
+// The dtypes the gated cells' and layers' kernels take: float32 and float64 on the CPU, also
+// float16 and bfloat16 (computed in float32) on CUDA. Under torch.autocast they run in float32
+// (mapopt_native/ops/gated_cells.py).
+inline void check_cell_dtype(const at::Tensor& input) {
+  const at::ScalarType t = input.scalar_type();
+  if (input.device().is_cpu()) {
+    TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble,
+                     "input must be float32 or float64 on the CPU, got ", t,
+                     " (under torch.autocast the gated cells and layers run in float32)");
+  } else {
+    check_floating(input, "input");
+  }
+}
+
 // The input rows (batch, input_size) and the weights of a gated cell or layer. `chunks` is 3 (GRU)
 // or 4 (LSTM). Returns the hidden size.
 inline int64_t check_weights(int64_t chunks, const at::Tensor& input, const at::Tensor& w_ih,
                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                              const std::optional<at::Tensor>& b_hh) {
-  check_floating(input, "input");
+  check_cell_dtype(input);
   TORCH_CHECK_VALUE(input.dim() == 2, "input must be 2-D (batch, input_size), got shape ",
                     input.sizes());
   TORCH_CHECK_VALUE(w_ih.dim() == 2 && w_ih.size(0) % chunks == 0 && w_ih.size(0) > 0,

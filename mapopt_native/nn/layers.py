@@ -54,8 +54,20 @@ class _GatedRNNBase(nn.Module):
                 self._weight_names.append(names)
         self.reset_parameters()
 
+    # nn.LSTM's output projection; these layers have none (code written for nn.RNNBase reads it).
+    proj_size = 0
+
     def reset_parameters(self) -> None:
         reset_like_torch_rnn(self)
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do: the layer ops pack the weights they need on every call. Present so code
+        written for nn.GRU / nn.LSTM (which calls it after moving or wrapping the module) runs."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters of each (layer, direction), in nn.RNNBase's order and grouping."""
+        return [[getattr(self, n) for n in names] for names in self._weight_names]
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, gate={self.gate!r}"

@@ -23,7 +23,7 @@ def check_gate(gate: str) -> None:
 def check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh):
     """The fake-kernel mirror of check_weights in csrc/common/checks.h (input: its last dim is
     the features); returns H."""
-    check_floating(input, "input")
+    check_cell_dtype(input)
     torch._check(w_ih.dim() == 2 and w_ih.shape[0] % chunks == 0 and w_ih.shape[0] > 0, lambda: (
         f"weight_ih must have shape ({chunks}*hidden_size, input_size), got {list(w_ih.shape)}"))
     H = w_ih.shape[0] // chunks
@@ -40,6 +40,30 @@ def check_weights(chunks, input, w_ih, w_hh, b_ih, b_hh):
             check_shape(t, name, (chunks * H,), "(chunks*hidden_size,)")
             check_like(t, name, input, "input")
     return H
+
+
+def check_cell_dtype(input):
+    """The fake-kernel mirror of check_cell_dtype in csrc/common/checks.h."""
+    if input.device.type == "cpu":
+        torch._check(input.dtype in (torch.float32, torch.float64), lambda: (
+            f"input must be float32 or float64 on the CPU, got {input.dtype} (under "
+            "torch.autocast the gated cells and layers run in float32)"))
+    else:
+        check_floating(input, "input")
+
+
+def run_in_float32_under_autocast(*ops: str) -> None:
+    """Autocast rules for the gated ops: in an autocast region their floating inputs (float64
+    aside) are cast to float32 and they run with autocast off, so a model under torch.autocast runs
+    them as a float32 model would, and gradients flow back through the casts. Backward ops get the
+    rule too: a backward run inside the region would otherwise autocast the products the op makes
+    itself. Why not autocast's lower precision: the CPU kernels are float32 / float64 only, and one
+    rule on both devices keeps a model's results alike on each (on CUDA a float16 / bfloat16 module
+    runs in its own dtype)."""
+    for op in ops:
+        for device in ("cpu", "cuda"):
+            if torch.amp.is_autocast_available(device):
+                torch.library.register_autocast(f"mapopt_native::{op}", device, torch.float32)
 
 
 def check_state(state, name, batch, H, input):
@@ -121,3 +145,7 @@ def gated_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, we
     hy, cy, _ = _ops.gated_lstm_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                                          gate)
     return hy, cy
+
+
+run_in_float32_under_autocast("gated_gru_cell_fwd", "gated_gru_cell_bwd", "gated_lstm_cell_fwd",
+                              "gated_lstm_cell_bwd")

@@ -7,7 +7,8 @@ batch_sizes (an int64 CPU tensor)."""
 import torch
 from torch import Tensor
 
-from .gated_cells import check_gate, check_state, check_weights, fake_grads
+from .gated_cells import (check_gate, check_state, check_weights, fake_grads,
+                          run_in_float32_under_autocast)
 
 _ops = torch.ops.mapopt_native
 
@@ -151,3 +152,7 @@ def gated_lstm_layer(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor,
     out, hy, cy, _, _ = _ops.gated_lstm_seq_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih,
                                                 bias_hh, batch_sizes, reverse, gate, need)
     return out, hy, cy
+
+
+run_in_float32_under_autocast("gated_gru_seq_fwd", "gated_gru_seq_bwd", "gated_lstm_seq_fwd",
+                              "gated_lstm_seq_bwd")
