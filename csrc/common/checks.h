@@ -48,7 +48,7 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
 }
 
 // The dtypes the gated cells' and layers' kernels take: float32 and float64 on the CPU, also
-// float16 and bfloat16 (computed in float32) on CUDA. Under torch.autocast they run in float32
+// float16 and bfloat16 (pointwise math in float32) on CUDA. Under torch.autocast they run in float32
 // (mapopt_native/ops/gated_cells.py).
 inline void check_cell_dtype(const at::Tensor& input) {
   const at::ScalarType t = input.scalar_type();
