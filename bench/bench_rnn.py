@@ -40,17 +40,19 @@ def timed(forward, params, train):
 
 
 def floor(chunks, layers, x, H, train):
-    """The products a layer stack cannot avoid, by the backend the native ops use (harness.linear):
-    the input projection of every step (on the CPU in blocks of steps of at most 4 MiB of output,
-    weight pre-packed, as native makes it) and the recurrent product of each step (weight
-    pre-packed); in training also each step's recurrent gradient, the input gradient of every
-    layer but the first (the benchmark's input needs none, and native skips it too; through
-    harness.linear as the native backward), and the two weight gradients over all steps (ATen's mm,
-    as the native backward)."""
+    """The products a layer stack cannot avoid, alone, by oneDNN with pre-packed weights on the
+    CPU (harness.linear; cuBLAS on CUDA) and ATen's mm: the input projection of every step (on the
+    CPU in the native layers' blocks of steps) and the recurrent product of each step; in training
+    also each step's recurrent gradient, the input gradient of every layer but the first (the
+    benchmark's input needs none, and native skips it too), and the two weight gradients over all
+    steps (ATen's mm, as the native backward). The native CPU layers make their forward products
+    with their own kernel (csrc/cpu/layer_products.h) at about oneDNN's rate, so they can land a
+    little below this floor."""
     T_, B, _ = x.shape
     dev = x.device
-    # Rows per projection block: csrc/cpu/gated_cells.cpp's kProjectionBytes, in whole steps.
-    block = T_ * B if dev.type != "cpu" else max(1, (4 << 20) // (chunks * H * 4 * B)) * B
+    # Rows per projection block: the native layers' block bytes, in whole steps.
+    block_bytes = mapopt_native._C.cpu_projection_block_bytes()
+    block = T_ * B if dev.type != "cpu" else max(1, block_bytes // (chunks * H * 4 * B)) * B
     ws = []
     for k in range(layers):
         w_ih = torch.randn(chunks * H, x.shape[2] if k == 0 else H, device=dev)

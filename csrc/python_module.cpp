@@ -1,10 +1,12 @@
-// mapopt_native._C: what is not an op (build facts, the gate and activation names). Kept apart
-// from registration.cpp so the CMake library (C++ users, no Python) links the ops without pybind.
+// mapopt_native._C: what is not an op (build facts, the gate and activation names, the CPU layers'
+// projection block size for the benchmarks' floor). Kept apart from registration.cpp so the CMake
+// library (C++ users, no Python) links the ops without pybind.
 // MAPOPT_WITH_CUDA, MAPOPT_CUDA_ARCH, MAPOPT_CPU_ISA and MAPOPT_TORCH_VERSION are set by setup.py.
 #include <torch/extension.h>
 
 #include "common/activations.h"
 #include "common/gates.h"
+#include "cpu/scratch.h"
 
 #ifndef MAPOPT_WITH_CUDA
 #define MAPOPT_WITH_CUDA 0
@@ -25,6 +27,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_arch", [] { return std::string(MAPOPT_CUDA_ARCH); });
   m.def("cpu_isa", [] { return std::string(MAPOPT_CPU_ISA); });
   m.def("torch_version", [] { return std::string(MAPOPT_TORCH_VERSION); });
+  m.def("cpu_projection_block_bytes", [] { return mapopt::cpu::kProjectionBlockBytes; });
   m.def("gate_names", [] {
     pybind11::tuple names(mapopt::kNumGates);
     for (int i = 0; i < mapopt::kNumGates; ++i) names[i] = mapopt::kGateNames[i];

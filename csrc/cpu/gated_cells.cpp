@@ -84,11 +84,7 @@ struct CpuCellKernels {
   }
 
  public:
-  // Input projections are made in blocks of this size (csrc/gated_layers.h, seq::Projection):
-  // small enough that the block and the input rows it is made from stay in a core's L2 while every
-  // group of units passes over them (one LSTM thread at B = 64, H = 128: 4 MB blocks 21-24 ms,
-  // 512 KB 19-21 ms; at H = 512, where a block is one step, no change).
-  static constexpr int64_t kProjectionBytes = int64_t{512} << 10;
+  static constexpr int64_t kProjectionBytes = kProjectionBlockBytes;  // scratch.h says why
 
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                            const std::optional<at::Tensor>& b) {

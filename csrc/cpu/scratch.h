@@ -21,6 +21,14 @@ enum class Scratch : int { InputWeight, RecurrentWeight, Projection, kSlots };
 
 constexpr int64_t kScratchKeepBytes = int64_t{32} << 20;
 
+// A layer's input projection is made in blocks of at most this many bytes (csrc/gated_layers.h,
+// seq::Projection), each in the Projection slot: small enough that the block and the input rows it
+// is made from stay in a core's L2 while every group of units passes over them (one LSTM thread at
+// B = 64, H = 128: 4 MB blocks 21-24 ms, 512 KB 19-21 ms; at H = 512, where a block is one step,
+// no change). The benchmarks' matrix-product floor makes its projection in the same blocks
+// (mapopt_native._C.cpu_projection_block_bytes).
+constexpr int64_t kProjectionBlockBytes = int64_t{512} << 10;
+
 // A 1-D tensor of `numel` elements of `options`' dtype, on the CPU.
 inline at::Tensor scratch(Scratch slot, int64_t numel, const at::TensorOptions& options) {
   thread_local std::array<at::Tensor, static_cast<int>(Scratch::kSlots)> kept;
