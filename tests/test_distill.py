@@ -540,35 +540,38 @@ def test_mapping_distance_bad_weights():
         ops.mapping_distance_fwd_grad(*pairs, torch.ones(2, dtype=torch.float64))
 
 
-# ---------------------------------------------------------------- CUDA against CPU
+# ---------------------------------------------------------------- every dtype against float64
+
+# 16-bit inputs run in float32: on CUDA in the kernels, on the CPU on float32 copies.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("distance", ["l2", "kl"])
 @pytest.mark.parametrize("C", [7, 1000, 32001])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_kd_loss_cuda_matches_cpu(dtype, distance, C, reduction):
+def test_kd_loss_every_dtype_matches_float64(device, dtype, distance, C, reduction):
     N = 33
     s, t, y = logits(N, C, torch.float64), logits(N, C, torch.float64), targets(N, C, ignored=3)
-    s, t = s.to(dtype), t.to(dtype)  # the same rounded values on both devices
+    s, t = s.to(dtype), t.to(dtype)  # the same rounded values in both runs
     kw = dict(distance=distance, temperature=2.0, reduction=reduction)
     grad_out = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
     ref = loss_and_grad(lambda a, b: kd_loss(a, b, y, 0.4, **kw), s.double(), t.double(),
                         grad_out)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ours = loss_and_grad(lambda a, b: kd_loss(a, b, y.cuda(), 0.4, **kw), s.cuda(), t.cuda(),
-                         grad_out.cuda().to(acc))
+    ours = loss_and_grad(lambda a, b: kd_loss(a, b, y.to(device), 0.4, **kw), s.to(device),
+                         t.to(device), grad_out.to(device, acc))
     # Losses in the accumulation dtype (a 16-bit l2 loss over 32001 classes passes 65504).
     assert ours[0].dtype == acc and ours[1].dtype == dtype
     assert_close(ours[0].cpu().double(), ref[0], dtype=acc, scale=10)
     assert_close(ours[1].cpu().double(), ref[1], dtype=dtype, scale=10)
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-def test_mapping_distance_cuda_matches_cpu(dtype, reduction):
+def test_mapping_distance_every_dtype_matches_float64(device, dtype, reduction):
     students, teachers = mixed_pairs(50, torch.float64)
     students = [s.to(dtype) for s in students]
     teachers = [t.to(dtype) for t in teachers]
@@ -582,7 +585,8 @@ def test_mapping_distance_cuda_matches_cpu(dtype, reduction):
 
     ref = run([s.double() for s in students], [t.double() for t in teachers], grad_out)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ours = run([s.cuda() for s in students], [t.cuda() for t in teachers], grad_out.cuda().to(acc))
+    ours = run([s.to(device) for s in students], [t.to(device) for t in teachers],
+               grad_out.to(device, acc))
     # Distances in the accumulation dtype: the (1, 40000) pairs' pass float16's 65504.
     assert ours[0].dtype == acc and ours[1][0].dtype == dtype
     assert_close(ours[0].cpu().double(), ref[0], dtype=acc, scale=10)

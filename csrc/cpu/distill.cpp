@@ -201,6 +201,25 @@ std::vector<Chunk> chunk_table(const std::vector<at::Tensor>& students) {
 // 1/B_j, and 0 for an empty batch (the pair then contributes nothing).
 inline double inv_batch(const at::Tensor& s) { return s.size(0) > 0 ? 1.0 / s.size(0) : 0.0; }
 
+// The kernels are written for float32 / float64. float16 / bfloat16 inputs run on float32 copies
+// (CUDA computes them in float32 too), and the gradients they get are cast back into their dtype.
+inline bool is_reduced(const at::Tensor& t) {
+  return t.defined() && at::isReducedFloatingType(t.scalar_type());
+}
+inline at::Tensor widened(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
+inline std::vector<at::Tensor> widened(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : ts) out.push_back(widened(t));
+  return out;
+}
+// A float32 buffer for a reduced-precision gradient; copy_back moves it into its dtype.
+inline at::Tensor wide_buffer(const at::Tensor& grad) {
+  return is_reduced(grad) ? at::empty(grad.sizes(), grad.options().dtype(at::kFloat)) : grad;
+}
+inline void copy_back(const at::Tensor& grad, const at::Tensor& buffer) {
+  if (buffer.defined() && !buffer.is_same(grad)) grad.copy_(buffer);
+}
+
 struct CpuDistillKernels {
   static void kd_loss_fwd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
                                Distance d, double alpha, double temperature,
@@ -215,6 +234,12 @@ struct CpuDistillKernels {
                                     int64_t ignore_index, const at::Tensor& coefficient,
                                     const at::Tensor& loss, const at::Tensor& stats,
                                     const at::Tensor& grad) {
+    if (is_reduced(s)) {
+      const at::Tensor g = grad.defined() ? wide_buffer(grad) : grad;
+      kd_loss_fwd_grad_rows(widened(s), widened(t), y, d, alpha, temperature, ignore_index,
+                            coefficient, loss, stats, g);
+      return copy_back(grad, g);
+    }
     if (y.defined()) check_targets(y, s.size(1), ignore_index);
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mapopt_native kd_loss_fwd", [&] {
       kd_rows_fwd<scalar_t>(s, t, y, d, alpha, temperature, ignore_index, loss, stats,
@@ -226,6 +251,12 @@ struct CpuDistillKernels {
                                const at::Tensor& t, const at::Tensor& y, const at::Tensor& stats,
                                Distance d, double alpha, double temperature,
                                int64_t ignore_index, const at::Tensor& grad) {
+    if (is_reduced(s)) {
+      const at::Tensor g = wide_buffer(grad);
+      kd_loss_bwd_rows(grad_loss, widened(s), widened(t), y, stats, d, alpha, temperature,
+                       ignore_index, g);
+      return copy_back(grad, g);
+    }
     if (y.defined()) check_targets(y, s.size(1), ignore_index);
     AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "mapopt_native kd_loss_bwd", [&] {
       kd_rows_bwd<scalar_t>(grad_loss, s, t, y, stats, d, alpha, temperature, ignore_index, grad);
@@ -242,6 +273,13 @@ struct CpuDistillKernels {
                                         const std::vector<at::Tensor>& teachers,
                                         const at::Tensor& coefficients, const at::Tensor& out,
                                         const std::vector<at::Tensor>& grads) {
+    if (is_reduced(students[0])) {
+      std::vector<at::Tensor> g;
+      for (const at::Tensor& grad : grads) g.push_back(wide_buffer(grad));
+      mapping_distance_fwd_grad(widened(students), widened(teachers), coefficients, out, g);
+      for (size_t j = 0; j < grads.size(); ++j) copy_back(grads[j], g[j]);
+      return;
+    }
     const std::vector<Chunk> chunks = chunk_table(students);
     const bool with_grad = coefficients.defined();
     AT_DISPATCH_FLOATING_TYPES(students[0].scalar_type(), "mapopt_native mapping_distance", [&] {
@@ -291,6 +329,13 @@ struct CpuDistillKernels {
                                    const std::vector<at::Tensor>& students,
                                    const std::vector<at::Tensor>& teachers,
                                    const std::vector<at::Tensor>& grads) {
+    if (is_reduced(students[0])) {
+      std::vector<at::Tensor> g;
+      for (const at::Tensor& grad : grads) g.push_back(wide_buffer(grad));
+      mapping_distance_bwd(grad_distances, widened(students), widened(teachers), g);
+      for (size_t j = 0; j < grads.size(); ++j) copy_back(grads[j], g[j]);
+      return;
+    }
     const std::vector<Chunk> chunks = chunk_table(students);
     AT_DISPATCH_FLOATING_TYPES(students[0].scalar_type(), "mapopt_native mapping_distance", [&] {
       using acc_t = at::opmath_type<scalar_t>;
