@@ -517,40 +517,42 @@ def test_bad_inputs_under_compile():
         scores(torch.randn(6, 5), torch.randn(3, 4))
 
 
-# ---------------------------------------------------------------- CUDA against CPU
+# ---------------------------------------------------------------- every dtype against float64
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("activation", ALL)
-def test_cuda_matches_cpu(dtype, activation):
-    # The CPU result in float64 from the same (rounded) inputs; low precision dtypes round z.
+def test_every_dtype_matches_float64(device, dtype, activation):
+    # The float64 CPU result from the same (rounded) inputs; low precision dtypes round z (16-bit
+    # inputs run in float32: on CUDA in the kernels, on the CPU on float32 copies).
     scale = 1 if dtype in (torch.float32, torch.float64) else 4
     sigma = sigma_for(activation)
     x = torch.randn(300, 77, dtype=dtype)
     w = (0.3 * torch.randn(29, 77)).to(dtype)
     b = torch.randn(29).to(dtype)
-    got = hessian_norm_linear(x.cuda(), w.cuda(), b.cuda(), activation, sigma=sigma, **CONST)
+    got = hessian_norm_linear(x.to(device), w.to(device), b.to(device), activation, sigma=sigma,
+                              **CONST)
     expected = hessian_norm_linear(x.double(), w.double(), b.double(), activation, sigma=sigma,
                                    **CONST)
     assert_close(got.cpu().double(), expected, dtype=dtype, scale=scale)
     xc, wc, bc = conv_layer(2, (3, 4, 23, 29), 6, (3, 5), 2, dtype)
-    got = hessian_norm_conv2d(xc.cuda(), wc.cuda(), bc.cuda(), 2, 2, 1, 2, activation,
-                              sigma=sigma, **CONST)
+    got = hessian_norm_conv2d(xc.to(device), wc.to(device), bc.to(device), 2, 2, 1, 2,
+                              activation, sigma=sigma, **CONST)
     expected = hessian_norm_conv2d(xc.double(), wc.double(), bc.double(), 2, 2, 1, 2, activation,
                                    sigma=sigma, **CONST)
     assert_close(got.cpu().double(), expected, dtype=dtype, scale=scale)
     z = (2 * torch.randn(70, 5, 33)).to(dtype)
     s = (torch.rand(5, 1) + 0.1).to(dtype)
-    acc = torch.zeros(5, 33, device="cuda", dtype=torch.promote_types(dtype, torch.float32))
-    zg = z.cuda().requires_grad_()
-    out = activation_with_hessian_norm(zg, s.cuda(), acc, activation, sigma=sigma, **CONST)
+    acc = torch.zeros(5, 33, device=device, dtype=torch.promote_types(dtype, torch.float32))
+    zg = z.to(device).requires_grad_()
+    out = activation_with_hessian_norm(zg, s.to(device), acc, activation, sigma=sigma, **CONST)
     expected_out, expected_term = reference.activation_with_hessian_norm(
         z.double().requires_grad_(), s.double(), activation, sigma, **CONST)
     assert_close(out.cpu().double(), expected_out.detach(), dtype=dtype)
     assert_close(acc.cpu().double(), expected_term.detach(), dtype=dtype, scale=scale)
     grad = torch.randn(z.shape).to(dtype)
-    (g,) = torch.autograd.grad(out, zg, grad.cuda())
+    (g,) = torch.autograd.grad(out, zg, grad.to(device))
     z64 = z.double().requires_grad_()
     (g64,) = torch.autograd.grad(reference.activation(activation, z64, **CONST), z64,
                                  grad.double())

@@ -13,6 +13,7 @@
 
 #include "../common/distill.h"
 #include "../distill.h"
+#include "float32_copies.h"
 #include "vec_math.h"
 
 namespace mapopt::cpu {
@@ -201,25 +202,6 @@ std::vector<Chunk> chunk_table(const std::vector<at::Tensor>& students) {
 // 1/B_j, and 0 for an empty batch (the pair then contributes nothing).
 inline double inv_batch(const at::Tensor& s) { return s.size(0) > 0 ? 1.0 / s.size(0) : 0.0; }
 
-// The kernels are written for float32 / float64. float16 / bfloat16 inputs run on float32 copies
-// (CUDA computes them in float32 too), and the gradients they get are cast back into their dtype.
-inline bool is_reduced(const at::Tensor& t) {
-  return t.defined() && at::isReducedFloatingType(t.scalar_type());
-}
-inline at::Tensor widened(const at::Tensor& t) { return is_reduced(t) ? t.to(at::kFloat) : t; }
-inline std::vector<at::Tensor> widened(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& t : ts) out.push_back(widened(t));
-  return out;
-}
-// A float32 buffer for a reduced-precision gradient; copy_back moves it into its dtype.
-inline at::Tensor wide_buffer(const at::Tensor& grad) {
-  return is_reduced(grad) ? at::empty(grad.sizes(), grad.options().dtype(at::kFloat)) : grad;
-}
-inline void copy_back(const at::Tensor& grad, const at::Tensor& buffer) {
-  if (buffer.defined() && !buffer.is_same(grad)) grad.copy_(buffer);
-}
-
 struct CpuDistillKernels {
   static void kd_loss_fwd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
                                Distance d, double alpha, double temperature,
@@ -235,7 +217,7 @@ struct CpuDistillKernels {
                                     const at::Tensor& loss, const at::Tensor& stats,
                                     const at::Tensor& grad) {
     if (is_reduced(s)) {
-      const at::Tensor g = grad.defined() ? wide_buffer(grad) : grad;
+      const at::Tensor g = wide_buffer(grad);
       kd_loss_fwd_grad_rows(widened(s), widened(t), y, d, alpha, temperature, ignore_index,
                             coefficient, loss, stats, g);
       return copy_back(grad, g);

@@ -10,6 +10,7 @@
 
 #include "../common/activations.h"
 #include "../hessian_norm.h"
+#include "float32_copies.h"
 #include "vec_math.h"
 
 namespace mapopt::cpu {
@@ -45,6 +46,11 @@ struct CpuHessianKernels {
   static void hessian_term_partials(const at::Tensor& z, const at::Tensor& s,
                                     const at::Tensor& value, const at::Tensor& partial,
                                     const ActivationSpec& spec) {
+    if (is_reduced(z)) {  // s and partial are already float32 (the accumulation dtype)
+      const at::Tensor v = wide_buffer(value);
+      hessian_term_partials(widened(z), s, v, partial, spec);
+      return copy_back(value, v);
+    }
     const int64_t B = z.size(0), M = z.size(1);
     const int64_t R = partial.size(0), col_blocks = column_blocks(M);
     dispatch(z, spec.kind, [&](auto act, auto sc) {
@@ -93,6 +99,11 @@ struct CpuHessianKernels {
 
   static void activation_bwd(const at::Tensor& grad, const at::Tensor& z, const at::Tensor& grad_z,
                              const ActivationSpec& spec) {
+    if (is_reduced(z)) {
+      const at::Tensor g = wide_buffer(grad_z);
+      activation_bwd(widened(grad), widened(z), g, spec);
+      return copy_back(grad_z, g);
+    }
     dispatch(z, spec.kind, [&](auto act, auto sc) {
       using scalar_t = decltype(sc);
       using V = Vectorized<scalar_t>;
