@@ -362,6 +362,18 @@ def test_compiled_model_fullgraph():
         assert_close(a, b, scale=20)
 
 
+def test_export_with_dynamic_batch_and_length():
+    # torch.export traces the ops through their fake kernels; the exported program runs other
+    # batch sizes and sequence lengths than the example's.
+    model = Tagger().eval()
+    x = torch.randn(4, 7, 6)
+    dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("steps")}}
+    exported = torch.export.export(model, (x,), dynamic_shapes=dims).module()
+    for shape in ((4, 7, 6), (3, 11, 6), (2, 2, 6)):
+        x = torch.randn(shape)
+        assert_close(exported(x), model(x))
+
+
 def test_torch_nn_gru_breaks_fullgraph_compile():
     # README's claim: torch.compile cannot capture nn.GRU in one graph, while it can ours.
     torch._dynamo.reset()
