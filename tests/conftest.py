@@ -22,6 +22,12 @@ TOLERANCES = {
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# (device, dtype) of the runs compared with the float64 CPU op on the same rounded values, which
+# its own tests check against independent references: every pair but that op itself. 16-bit
+# inputs run in float32: on CUDA in the kernels, on the CPU on float32 copies.
+AGAINST_CPU_FLOAT64 = ([("cpu", t) for t in CUDA_DTYPES if t != torch.float64]
+                       + [pytest.param("cuda", t, marks=pytest.mark.cuda) for t in CUDA_DTYPES])
+
 
 def assert_close(actual, expected, dtype=None, scale=1.0):
     """assert_close with the table's tolerance for `dtype` (default: expected's), times `scale`

@@ -443,43 +443,37 @@ def test_rnn_base_extras(kind):
                        for p, q in zip(a, b))
 
 
-def _autocast_model(kind, compiled):
-    torch.manual_seed(0)
-    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 6),
-                                 "rnn": LAYERS[kind][0](6, 8, num_layers=2, bidirectional=True)})
-    def run(x, to_float32):  # noqa: E306
-        y = model["lin"](x)  # bfloat16 under autocast
-        out, finals = model["rnn"](y.float() if to_float32 else y)
-        return out, as_tuple(finals)
-    return model, torch.compile(run, fullgraph=True) if compiled else run
+def _weighted_sum(tensors):
+    return sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in tensors)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_autocast_runs_layers_in_float32(kind, compiled):
-    # Under autocast a layer takes the lower-precision input and runs as the float32 model does on
-    # it: outputs and its gradients (the backward also inside the region) equal those of the
-    # float32 layer fed the same rounded input. The input's gradient is summed in bfloat16 from the
-    # two directions' casts (autocast's way), in float32 from one .float(): the Linear's gradients
-    # agree to bfloat16's precision.
-    model, run = _autocast_model(kind, compiled)
+    # A bfloat16 input under autocast (forward and backward inside the region) against the float32
+    # layer run outside autocast on the same values: equal outputs and parameter gradients. A
+    # missing rule for the forward or the backward op fails here (mixed dtypes, or products
+    # autocast to bfloat16). The input's gradient comes back in bfloat16, summed there from the two
+    # directions' casts: it agrees to bfloat16's precision.
+    torch.manual_seed(0)
+    rnn = LAYERS[kind][0](6, 8, num_layers=2, bidirectional=True)
+    params = list(rnn.parameters())
+    x = torch.randn(5, 3, 6).bfloat16().requires_grad_()
     torch._dynamo.reset()
-    x = torch.randn(5, 3, 6)
-    results = []
-    for to_float32 in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, finals = run(x, to_float32)
-            assert out.dtype == torch.float32 and all(f.dtype == torch.float32 for f in finals)
-            loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum()
-                       for t in (out,) + finals)
-            lin, rnn = (list(model[k].parameters()) for k in ("lin", "rnn"))
-            grads = torch.autograd.grad(loss, lin + rnn)
-        results.append({"outputs": (out, *finals), "rnn": grads[len(lin):],
-                        "lin": grads[:len(lin)]})
-    autocast, float32 = results
-    for part, dtype in (("outputs", None), ("rnn", None), ("lin", torch.bfloat16)):
-        for a, b in zip(autocast[part], float32[part], strict=True):
-            assert_close(a, b, dtype=dtype, scale=4)
+    run = torch.compile(rnn, fullgraph=True) if compiled else rnn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, finals = run(x)
+        finals = as_tuple(finals)
+        assert out.dtype == torch.float32 and all(f.dtype == torch.float32 for f in finals)
+        grads = torch.autograd.grad(_weighted_sum((out,) + finals), [x] + params)
+    ref_out, ref_finals = rnn(x.float())
+    ref_finals = as_tuple(ref_finals)
+    ref_grads = torch.autograd.grad(_weighted_sum((ref_out,) + ref_finals), [x] + params)
+    for a, b in zip((out, *finals, *grads[1:]), (ref_out, *ref_finals, *ref_grads[1:]),
+                    strict=True):
+        assert_close(a, b, scale=4)
+    assert grads[0].dtype == torch.bfloat16
+    assert_close(grads[0].float(), ref_grads[0].bfloat16().float(), dtype=torch.bfloat16)
     # float64 is left alone by autocast.
     rnn = LAYERS[kind][0](6, 8, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -499,7 +493,8 @@ def test_wrong_hx_shape():
 def test_half_precision_on_the_cpu():
     module = GatedLSTM(4, 5).bfloat16()
     with pytest.raises(TypeError, match="input must be float32 or float64 on the CPU, got "
-                       r"BFloat16 \(under torch.autocast"):
+                       r"BFloat16 \(the Python package's ops run them in float32 under "
+                       "torch.autocast"):
         module(torch.randn(6, 3, 4, dtype=torch.bfloat16))
 
 

@@ -13,7 +13,7 @@ from mapopt_native import reference
 from mapopt_native.ops import (activation_with_hessian_norm, fold_batch_norm, hessian_norm_conv1d,
                                hessian_norm_conv2d, hessian_norm_linear)
 
-from conftest import CPU_DTYPES, CUDA_DTYPES, assert_close
+from conftest import AGAINST_CPU_FLOAT64, CPU_DTYPES, assert_close
 
 ops = torch.ops.mapopt_native
 SMOOTH = ("tanh", "sigmoid", "softplus", "silu", "gelu", "elu")
@@ -520,8 +520,7 @@ def test_bad_inputs_under_compile():
 # ---------------------------------------------------------------- every dtype against float64
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("device,dtype", AGAINST_CPU_FLOAT64)
 @pytest.mark.parametrize("activation", ALL)
 def test_every_dtype_matches_float64(device, dtype, activation):
     # The float64 CPU result from the same (rounded) inputs; low precision dtypes round z (16-bit

@@ -48,14 +48,14 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
 }
 
 // The dtypes the gated cells' and layers' kernels take: float32 and float64 on the CPU, also
-// float16 and bfloat16 (pointwise math in float32) on CUDA. Under torch.autocast they run in float32
-// (mapopt_native/ops/gated_cells.py).
+// float16 and bfloat16 (pointwise math in float32) on CUDA. Under torch.autocast the Python package
+// runs them in float32 (mapopt_native/ops/gated_cells.py).
 inline void check_cell_dtype(const at::Tensor& input) {
   const at::ScalarType t = input.scalar_type();
   if (input.device().is_cpu()) {
     TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble,
                      "input must be float32 or float64 on the CPU, got ", t,
-                     " (under torch.autocast the gated cells and layers run in float32)");
+                     " (the Python package's ops run them in float32 under torch.autocast)");
   } else {
     check_floating(input, "input");
   }

@@ -202,6 +202,17 @@ std::vector<Chunk> chunk_table(const std::vector<at::Tensor>& students) {
 // 1/B_j, and 0 for an empty batch (the pair then contributes nothing).
 inline double inv_batch(const at::Tensor& s) { return s.size(0) > 0 ? 1.0 / s.size(0) : 0.0; }
 
+// fn(students, teachers, grads) on float32 copies of 16-bit pairs, the gradients cast back.
+template <class F>
+void on_float32_copies(const std::vector<at::Tensor>& students,
+                       const std::vector<at::Tensor>& teachers,
+                       const std::vector<at::Tensor>& grads, const F& fn) {
+  std::vector<at::Tensor> wide_grads;
+  for (const at::Tensor& grad : grads) wide_grads.push_back(wide_buffer(grad));
+  fn(widened(students), widened(teachers), wide_grads);
+  for (size_t j = 0; j < grads.size(); ++j) copy_back(grads[j], wide_grads[j]);
+}
+
 struct CpuDistillKernels {
   static void kd_loss_fwd_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y,
                                Distance d, double alpha, double temperature,
@@ -256,11 +267,10 @@ struct CpuDistillKernels {
                                         const at::Tensor& coefficients, const at::Tensor& out,
                                         const std::vector<at::Tensor>& grads) {
     if (is_reduced(students[0])) {
-      std::vector<at::Tensor> g;
-      for (const at::Tensor& grad : grads) g.push_back(wide_buffer(grad));
-      mapping_distance_fwd_grad(widened(students), widened(teachers), coefficients, out, g);
-      for (size_t j = 0; j < grads.size(); ++j) copy_back(grads[j], g[j]);
-      return;
+      return on_float32_copies(students, teachers, grads, [&](const auto& s, const auto& t,
+                                                              const auto& g) {
+        mapping_distance_fwd_grad(s, t, coefficients, out, g);
+      });
     }
     const std::vector<Chunk> chunks = chunk_table(students);
     const bool with_grad = coefficients.defined();
@@ -312,11 +322,10 @@ struct CpuDistillKernels {
                                    const std::vector<at::Tensor>& teachers,
                                    const std::vector<at::Tensor>& grads) {
     if (is_reduced(students[0])) {
-      std::vector<at::Tensor> g;
-      for (const at::Tensor& grad : grads) g.push_back(wide_buffer(grad));
-      mapping_distance_bwd(grad_distances, widened(students), widened(teachers), g);
-      for (size_t j = 0; j < grads.size(); ++j) copy_back(grads[j], g[j]);
-      return;
+      return on_float32_copies(students, teachers, grads, [&](const auto& s, const auto& t,
+                                                              const auto& g) {
+        mapping_distance_bwd(grad_distances, s, t, g);
+      });
     }
     const std::vector<Chunk> chunks = chunk_table(students);
     AT_DISPATCH_FLOATING_TYPES(students[0].scalar_type(), "mapopt_native mapping_distance", [&] {

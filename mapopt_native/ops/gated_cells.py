@@ -46,8 +46,8 @@ def check_cell_dtype(input):
     """The fake-kernel mirror of check_cell_dtype in csrc/common/checks.h."""
     if input.device.type == "cpu":
         torch._check(input.dtype in (torch.float32, torch.float64), lambda: (
-            f"input must be float32 or float64 on the CPU, got {input.dtype} (under "
-            "torch.autocast the gated cells and layers run in float32)"))
+            f"input must be float32 or float64 on the CPU, got {input.dtype} (the Python "
+            "package's ops run them in float32 under torch.autocast)"))
     else:
         check_floating(input, "input")
 
@@ -59,7 +59,7 @@ def run_in_float32_under_autocast(*ops: str) -> None:
     rule too: a backward run inside the region would otherwise autocast the products the op makes
     itself. Why not autocast's lower precision: the CPU kernels are float32 / float64 only, and one
     rule on both devices keeps a model's results alike on each (on CUDA a float16 / bfloat16 module
-    runs in its own dtype)."""
+    called outside autocast runs in its own dtype)."""
     for op in ops:
         for device in ("cpu", "cuda"):
             if torch.amp.is_autocast_available(device):
