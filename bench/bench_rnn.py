@@ -46,8 +46,8 @@ def floor(chunks, layers, x, H, train):
     also each step's recurrent gradient, the input gradient of every layer but the first (the
     benchmark's input needs none, and native skips it too), and the two weight gradients over all
     steps (ATen's mm, as the native backward). The native CPU layers make their forward products
-    with their own kernel (csrc/cpu/layer_products.h) at about oneDNN's rate, so they can land a
-    little below this floor."""
+    with their own kernel (csrc/cpu/layer_products.h) at about oneDNN's rate and without its
+    per-call cost, so they can land below this floor (well below at small sizes)."""
     T_, B, _ = x.shape
     dev = x.device
     # Rows per projection block: the native layers' block bytes, in whole steps.
