@@ -40,14 +40,15 @@ def timed(forward, params, train):
 
 
 def floor(chunks, layers, x, H, train):
-    """The products a layer stack cannot avoid, alone, by oneDNN with pre-packed weights on the
-    CPU (harness.linear; cuBLAS on CUDA) and ATen's mm: the input projection of every step (on the
-    CPU in the native layers' blocks of steps) and the recurrent product of each step; in training
-    also each step's recurrent gradient, the input gradient of every layer but the first (the
-    benchmark's input needs none, and native skips it too), and the two weight gradients over all
-    steps (ATen's mm, as the native backward). The native CPU layers make their forward products
-    with their own kernel (csrc/cpu/layer_products.h) at about oneDNN's rate and without its
-    per-call cost, so they can land below this floor (well below at small sizes)."""
+    """The products a layer stack cannot avoid, alone, by the backends the native layers use
+    (harness.linear / harness.matmul: oneDNN on the CPU, with pre-packed weights for the per-step
+    products; cuBLAS on CUDA): the input projection of every step (on the CPU in the native layers'
+    blocks of steps) and the recurrent product of each step; in training also each step's
+    recurrent gradient, the input gradient of every layer but the first (the benchmark's input
+    needs none, and native skips it too), and the two weight gradients over all steps. The native
+    CPU layers make their forward products with their own kernel (csrc/cpu/layer_products.h) at
+    about oneDNN's rate and without its per-call cost, so they can land below this floor (well
+    below at small sizes)."""
     T_, B, _ = x.shape
     dev = x.device
     # Rows per projection block: the native layers' block bytes, in whole steps.
@@ -57,7 +58,7 @@ def floor(chunks, layers, x, H, train):
     for k in range(layers):
         w_ih = torch.randn(chunks * H, x.shape[2] if k == 0 else H, device=dev)
         w_hh = torch.randn(chunks * H, H, device=dev)
-        ws.append((harness.pack(w_ih, block) if block < T_ * B else w_ih, w_ih.t().contiguous(),
+        ws.append((w_ih, harness.pack(w_ih, block) if block < T_ * B else w_ih,
                    harness.pack(w_hh, B), harness.pack(w_hh.t().contiguous(), B)))
     rows = x.reshape(T_ * B, -1)
     h = torch.randn(B, H, device=dev)
@@ -66,18 +67,18 @@ def floor(chunks, layers, x, H, train):
 
     def run():
         inp = rows
-        for k, (w_ih, w_ih_t, w_hh, w_hh_t) in enumerate(ws):
+        for k, (w_ih, w_ih_packed, w_hh, w_hh_t) in enumerate(ws):
             for r in range(0, T_ * B, block):
-                harness.linear(inp[r:r + block], w_ih)
+                harness.linear(inp[r:r + block], w_ih_packed)
             for _ in range(T_):
                 harness.linear(h, w_hh)
             if train:
                 if k > 0:
-                    harness.linear(d, w_ih_t)
+                    harness.matmul(d, w_ih)
                 for t in range(T_):
                     harness.linear(d[t * B:(t + 1) * B], w_hh_t)
-                torch.mm(d.t(), inp)
-                torch.mm(d.t(), hs)
+                harness.matmul(d.t(), inp)
+                harness.matmul(d.t(), hs)
             inp = hs
     return run
 

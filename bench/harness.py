@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+import mapopt_native
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # float32 means float32 for every candidate: cuDNN's RNNs (and convolutions) default to TF32 tensor
@@ -59,6 +61,15 @@ def linear(x, w, b=None):
     if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return torch.nn.functional.linear(x, w, b)
+
+
+def matmul(a, b):
+    """a b by the backend the native layers use for their products over all steps (weight and
+    input gradients): oneDNN for float32 on the CPU where it reads a and b in place
+    (csrc/cpu/onednn_linear.h), ATen's mm elsewhere."""
+    if a.device.type == "cpu":
+        return mapopt_native._C.cpu_matmul(a, b)
+    return torch.mm(a, b)
 
 
 def pack(w, batch):

@@ -6,6 +6,8 @@
 // K provides the projections
 //   linear(x, w, b) = x wᵀ + b, w plain (out, in) or from pack_weight
 //   linear_into(out, x, w, accumulate): out = x wᵀ, or out += x wᵀ
+//   matmul_into(out, a, b, accumulate): out = a b, or out += a b (a, b: any strides; the layers'
+//   backward products over all steps)
 //   pack_weight(w, batch): w in the backend's preferred layout, for one weight used many times
 //   kProjectionBytes: the block size of a layer's input projection (csrc/gated_layers.h)
 //   Input, input_weight(w_ih, b, chunks, rows), project(in, x, keep) = x W_ihᵀ + b: a layer's
@@ -23,6 +25,8 @@
 //   lstm_step_fwd(rec, gi, hx, cx, hy, cy, ws, gate): lstm_pointwise_fwd(gi, hx W_hhᵀ, ...)
 //   RecurrentT, recurrent_weight_t(w_hh, batch), recurrent_product_t(rt, d, out, accumulate):
 //   the layers' backward step product, out = d W_hh, or out += d W_hh
+//   step_grads(numel, options): the layers' backward buffer (1-D) of every step's gate gradients,
+//   valid until the backend's next step_grads on this thread
 // Workspace layouts: csrc/common/cells.h.
 #pragma once
 

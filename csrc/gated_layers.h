@@ -25,6 +25,7 @@
 
 #include "common/checks.h"
 #include "gated_cells.h"
+#include "recycled_buffer.h"
 
 namespace mapopt {
 
@@ -122,29 +123,44 @@ inline at::Tensor step_start(const at::Tensor& states, const at::Tensor& initial
 // is the state each row's step started from. With every step of the same batch size S is the
 // output shifted by one step with the initial state at the end it leaves open, so each is two
 // products on views; packed sequences whose batch shrinks gather S first, once for every d.
-inline at::Tensor recurrent_weight_grad(std::initializer_list<at::Tensor> ds,
-                                        const at::Tensor& states, const at::Tensor& initial,
-                                        const Steps& s, bool reverse) {
+template <class K>
+at::Tensor recurrent_weight_grad(std::initializer_list<at::Tensor> ds, const at::Tensor& states,
+                                 const at::Tensor& initial, const Steps& s, bool reverse) {
   const int64_t B = s.batch, N = s.rows;
-  std::vector<at::Tensor> grads;
-  if (!std::all_of(s.sizes.begin(), s.sizes.end(), [&](int64_t n) { return n == B; })) {
-    at::Tensor prev = at::empty(states.sizes(), states.options());
+  const bool same_sizes =
+      std::all_of(s.sizes.begin(), s.sizes.end(), [&](int64_t n) { return n == B; });
+  at::Tensor prev;
+  if (!same_sizes) {
+    prev = empty_recycled(states.sizes(), states.options());
     for (int64_t t = 0; t < s.T(); ++t) {
       rows(prev, s.offsets[t], s.sizes[t]).copy_(step_start(states, initial, s, t, reverse));
     }
-    for (const at::Tensor& d : ds) grads.push_back(at::mm(d.t(), prev));
-  } else {
-    // Going forward the first step starts from the initial state and step t from step t - 1; in
-    // reverse the last step starts from it and step t from step t + 1.
-    for (const at::Tensor& d : ds) {
-      at::Tensor g = at::mm(rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B));
+  }
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& d : ds) {
+    at::Tensor g = empty_recycled({d.size(1), states.size(1)}, states.options());
+    if (!same_sizes) {
+      K::matmul_into(g, d.t(), prev, /*accumulate=*/false);
+    } else {
+      // Going forward the first step starts from the initial state and step t from step t - 1;
+      // in reverse the last step starts from it and step t from step t + 1.
+      K::matmul_into(g, rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B), false);
       if (N > B) {
-        g.addmm_(rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B));
+        K::matmul_into(g, rows(d, reverse ? 0 : B, N - B).t(),
+                       rows(states, reverse ? B : 0, N - B), /*accumulate=*/true);
       }
-      grads.push_back(std::move(g));
     }
+    grads.push_back(std::move(g));
   }
   return grads.size() == 1 ? grads[0] : at::cat(grads);
+}
+
+// The weight gradient of a product over all steps, dᵀ x (d: (N, m), x: (N, k)).
+template <class K>
+at::Tensor weight_grad(const at::Tensor& d, const at::Tensor& x) {
+  at::Tensor g = empty_recycled({d.size(1), x.size(1)}, x.options());
+  K::matmul_into(g, d.t(), x, /*accumulate=*/false);
+  return g;
 }
 
 // The final state of each sequence: for the forward direction the sequence's last step, for the
@@ -231,13 +247,13 @@ class Projection {
   int64_t first_ = 0, last_ = -1;
 };
 
-// The input gradient d W (d: (rows, chunks*H), W = W_ih as stored) as the backend's projection of
-// d by Wᵀ: on the CPU oneDNN runs it about 1.6x faster than at::mm (6400 x 2048 by 2048 x 512:
-// 67 against 105 ms); the copy of the weight is small beside the product (on CUDA it is one step
-// more than at::mm needed).
+// The input gradient d W (d: (rows, chunks*H), W = W_ih). W is made contiguous (a copy only when
+// it is not) so that weights of any strides run the same product, bit for bit.
 template <class K>
 at::Tensor input_grad(const at::Tensor& d, const at::Tensor& w) {
-  return K::linear(d, w.t().contiguous(), std::nullopt);
+  at::Tensor g = empty_recycled({d.size(0), w.size(1)}, d.options());
+  K::matmul_into(g, d, w.contiguous(), /*accumulate=*/false);
+  return g;
 }
 
 inline at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.flatten(0, 1) : t; }
@@ -255,7 +271,8 @@ inline at::Tensor shaped_like_input(const at::Tensor& rows_tensor, const at::Ten
 // pointwise kernel; the input projection and the backward's recurrent product by K::linear /
 // K::linear_into. A backend K derives from StepByProduct<K> to get K::Input, K::input_weight,
 // K::project, K::Recurrent, K::recurrent_weight, K::RecurrentT, K::recurrent_weight_t,
-// K::recurrent_product_t, K::gru_step_fwd and K::lstm_step_fwd (csrc/gated_cells.h lists them).
+// K::recurrent_product_t, K::gru_step_fwd, K::lstm_step_fwd and K::step_grads (csrc/gated_cells.h
+// lists them).
 template <class K>
 struct StepByProduct {
   struct Weight {
@@ -292,6 +309,9 @@ struct StepByProduct {
                             const at::Tensor& ws, Gate gate) {
     K::lstm_pointwise_fwd(gi, K::linear(hx, r.w, r.b), cx, hy, cy, ws, gate);
   }
+  static at::Tensor step_grads(int64_t numel, const at::TensorOptions& options) {
+    return at::empty({numel}, options);
+  }
 };
 
 // ------------------------------------------------------------------------------------- GRU
@@ -311,10 +331,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_gru_seq_fwd(
 
   seq::Projection<K> gi(x, w_ih, b_ih, 3, s, reverse, /*keep_whole=*/false);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, b_hh, 3, s.batch);
-  at::Tensor out = at::empty({s.rows, H}, x.options());
+  at::Tensor out = empty_recycled({s.rows, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
   // Training keeps every step's workspace for the backward; inference reuses one step's.
-  at::Tensor ws = at::empty({need_workspace ? s.rows : s.batch, 4 * H}, x.options());
+  at::Tensor ws = empty_recycled({need_workspace ? s.rows : s.batch, 4 * H}, x.options());
   const at::Tensor h0 = hx.contiguous();
   at::Tensor last;
   int64_t last_n = 0;
@@ -354,12 +374,13 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
-  at::Tensor d_gi = at::empty({s.rows, 3 * H}, x.options());
   // The recurrent projection's gradient differs from the input projection's only in its n part
   // (d gh_r = d gi_r, d gh_z = d gi_z; MATH.md §1): a step's whole row lives in a step buffer for
-  // the recurrent product, and only the n part is kept, a third of the memory.
+  // the recurrent product, and only the n part is kept beside d_gi, a third of the memory.
+  const at::Tensor grads = K::step_grads(s.rows * 4 * H, x.options());
+  const at::Tensor d_gi = grads.narrow(0, 0, s.rows * 3 * H).view({s.rows, 3 * H});
+  const at::Tensor d_gh_n = grads.narrow(0, s.rows * 3 * H, s.rows * H).view({s.rows, H});
   at::Tensor d_gh_step = at::empty({s.batch, 3 * H}, x.options());
-  at::Tensor d_gh_n = at::empty({s.rows, H}, x.options());
   const typename K::RecurrentT w_hh_t = K::recurrent_weight_t(w_hh, s.batch);  // d_gh W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
@@ -379,8 +400,8 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   at::Tensor gb_ih = params && has_bias ? d_gi.sum(0) : none();
   return {output_mask[0] ? seq::shaped_like_input(seq::input_grad<K>(d_gi, w_ih), input) : none(),
           output_mask[1] ? dh : none(),
-          params ? at::mm(d_gi.t(), x) : none(),
-          params ? seq::recurrent_weight_grad({d_rz, d_gh_n}, out, h0, s, reverse) : none(),
+          params ? seq::weight_grad<K>(d_gi, x) : none(),
+          params ? seq::recurrent_weight_grad<K>({d_rz, d_gh_n}, out, h0, s, reverse) : none(),
           gb_ih,
           params && has_bias ? at::cat({gb_ih.narrow(0, 0, 2 * H), d_gh_n.sum(0)}) : none()};
 }
@@ -406,10 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, std::nullopt, 4, s.batch);
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.
-  at::Tensor gates = need_workspace && !gi.whole() ? at::empty({s.rows, 4 * H}, x.options())
-                                                   : at::Tensor();
-  at::Tensor out = at::empty({s.rows, H}, x.options());
-  at::Tensor cs = at::empty({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
+  at::Tensor gates = need_workspace && !gi.whole()
+                         ? empty_recycled({s.rows, 4 * H}, x.options())
+                         : at::Tensor();
+  at::Tensor out = empty_recycled({s.rows, H}, x.options());
+  at::Tensor cs = empty_recycled({need_workspace ? s.rows : 2 * s.batch, H}, x.options());
   at::Tensor hy = at::empty({s.batch, H}, x.options());
   at::Tensor cy = at::empty({s.batch, H}, x.options());
   const at::Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
@@ -470,7 +492,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
   at::Tensor dc = seq::carried_grad(grad_cy, s, H, x);
-  at::Tensor d_gates = at::empty({s.rows, 4 * H}, x.options());
+  const at::Tensor d_gates = K::step_grads(s.rows * 4 * H, x.options()).view({s.rows, 4 * H});
   const typename K::RecurrentT w_hh_t = K::recurrent_weight_t(w_hh, s.batch);  // d_a W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;
@@ -492,8 +514,8 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
                          : none(),
           output_mask[1] ? dh : none(),
           output_mask[2] ? dc : none(),
-          params ? at::mm(d_gates.t(), x) : none(),
-          params ? seq::recurrent_weight_grad({d_gates}, out, h0, s, reverse) : none(),
+          params ? seq::weight_grad<K>(d_gates, x) : none(),
+          params ? seq::recurrent_weight_grad<K>({d_gates}, out, h0, s, reverse) : none(),
           gb,
           gb.clone()};
 }

@@ -1,11 +1,13 @@
-// mapopt_native._C: what is not an op (build facts, the gate and activation names, the CPU layers'
-// projection block size for the benchmarks' floor). Kept apart from registration.cpp so the CMake
-// library (C++ users, no Python) links the ops without pybind.
+// mapopt_native._C: what is not an op (build facts, the gate and activation names, and for the
+// benchmarks' floor the CPU layers' projection block size and their product over all steps).
+// Kept apart from registration.cpp so the CMake library (C++ users, no Python) links the ops
+// without pybind.
 // MAPOPT_WITH_CUDA, MAPOPT_CUDA_ARCH, MAPOPT_CPU_ISA and MAPOPT_TORCH_VERSION are set by setup.py.
 #include <torch/extension.h>
 
 #include "common/activations.h"
 #include "common/gates.h"
+#include "cpu/onednn_linear.h"
 #include "cpu/scratch.h"
 
 #ifndef MAPOPT_WITH_CUDA
@@ -28,6 +30,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(MAPOPT_CPU_ISA); });
   m.def("torch_version", [] { return std::string(MAPOPT_TORCH_VERSION); });
   m.def("cpu_projection_block_bytes", [] { return mapopt::cpu::kProjectionBlockBytes; });
+  m.def("cpu_matmul", [](const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    mapopt::cpu::onednn_matmul_into(out, a, b, /*accumulate=*/false);
+    return out;
+  });
   m.def("gate_names", [] {
     pybind11::tuple names(mapopt::kNumGates);
     for (int i = 0; i < mapopt::kNumGates; ++i) names[i] = mapopt::kGateNames[i];

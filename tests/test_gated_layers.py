@@ -193,6 +193,51 @@ def test_buffers_kept_between_calls(kind):
         assert_runs_close(run_sequence(ours, x), run_sequence(theirs, x), 100)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("onednn", [True, False])
+def test_products_over_all_steps(dtype, onednn):
+    # The CPU layers' backward products over all steps (weight and input gradients) run through
+    # oneDNN for float32 operands it reads in place (row-major or transposed), through ATen
+    # otherwise (strided operands, float64, oneDNN switched off): each against float64 torch.mm.
+    N, M, K = 300, 70, 90
+    d, x = torch.randn(N, M, dtype=dtype), torch.randn(N, K, dtype=dtype)
+    w = torch.randn(M, K, dtype=dtype)
+    cases = [(d.t(), x), (d, w), (d.t(), x.t().contiguous().t()),
+             (torch.randn(N, 2 * M, dtype=dtype)[:, ::2].t(), x), (d[:, :50].t(), x)]
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        for a, b in cases:
+            expected = torch.mm(a.double(), b.double())
+            assert_close(mapopt_native._C.cpu_matmul(a, b), expected.to(dtype), scale=10)
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_results_outlive_later_calls(kind, packed):
+    # A CPU layer call's outputs and workspaces come from blocks earlier calls' freed buffers left
+    # (csrc/recycled_buffer.h), and its backward's gate gradients live in a buffer it keeps for the
+    # next backward (csrc/cpu/scratch.h). Results held from earlier calls, and a graph whose
+    # backward runs after other calls' forwards and backwards, must be what they were alone.
+    # Sizes where every buffer is over a megabyte; both directions; equal and shrinking batches.
+    T, B, I, H = 100, 64, 48, 64
+    ours, theirs = matching_pair(kind, I, H, torch.float32, bidirectional=True)
+    xs = [torch.randn(T, B, I) for _ in range(3)]
+    lengths = unsorted_lengths(T, B, 0) if packed else None
+    first = run_sequence(ours, xs[0], lengths)
+    pending = ours(leaf(xs[1]))[0]  # its backward runs after the third call's
+    third = run_sequence(ours, xs[2], lengths)
+    second = torch.autograd.grad((pending * pending).sum(), list(ours.parameters()))
+    reference_second = torch.autograd.grad((theirs(xs[1])[0] ** 2).sum(),
+                                           list(theirs.parameters()))
+    assert_runs_close(first, run_sequence(theirs, xs[0], lengths), 100)
+    assert_runs_close(third, run_sequence(theirs, xs[2], lengths), 100)
+    for a, b in zip(second, reference_second):
+        assert_close(a, b, scale=100)
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_weights_of_any_strides(kind, dtype):

@@ -94,6 +94,10 @@ struct CpuCellKernels {
                           bool accumulate) {
     onednn_linear_into(out, x, w, accumulate);
   }
+  static void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                          bool accumulate) {
+    onednn_matmul_into(out, a, b, accumulate);
+  }
   static at::Tensor pack_weight(const at::Tensor& w, int64_t batch) {
     return onednn_pack(w, batch);
   }
@@ -220,10 +224,15 @@ struct CpuCellKernels {
     });
   }
 
+  // The backward's buffer of every step's gate gradients, in this thread's scratch.
+  static at::Tensor step_grads(int64_t numel, const at::TensorOptions& options) {
+    return scratch(Scratch::StepGrads, numel, options);
+  }
+
   // x Wᵀ + b (rows, chunks*H); in this thread's scratch unless `keep` (the caller holds on to it).
   static at::Tensor project(const PackedUnits& in, const at::Tensor& x, bool keep) {
     const int64_t n = x.size(0), H = in.units, C = in.chunks();
-    at::Tensor out = keep ? at::empty({n, C * H}, x.options())
+    at::Tensor out = keep ? empty_recycled({n, C * H}, x.options())
                           : scratch(Scratch::Projection, n * C * H, x.options()).view({n, C * H});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mapopt_native input projection", [&] {
       constexpr int64_t L = Vectorized<scalar_t>::size();

@@ -1,11 +1,13 @@
-// x Wᵀ (+ b) on the CPU through oneDNN, as ATen's own mkldnn linear ops do it.
+// x Wᵀ (+ b) and a b on the CPU through oneDNN, as ATen's own mkldnn ops do them.
 //
 // Why: on the CPUs this project is measured on (AMD EPYC), the BLAS behind at::addmm runs the
 // recurrent products' shapes (a few rows times a hidden-size square weight) 1.2-2x slower than
 // oneDNN, and over 2x slower when oneDNN may keep the weight pre-packed for a whole sequence
-// (bench: bench_cells.py, bench_rnn.py). float32 only (oneDNN has no float64); anything else, or
-// a torch without the mkldnn ops, falls back to ATen (aten_linear). The ops are reached by name
-// through the dispatcher: ATen exports no C++ header for them.
+// (bench: bench_cells.py, bench_rnn.py); the layers' backward products over all steps about 1.2x
+// slower (6400 x 2048 by 2048 x 512 with the first operand transposed: 85 against 69 ms).
+// float32 only (oneDNN has no float64); anything else, or a torch without oneDNN, falls back to
+// ATen. The linear ops are reached by name through the dispatcher; the matmul is ATen's exported
+// at::native::mkldnn_matmul, whose header torch does not ship (declared below).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +18,12 @@
 #include <string>
 
 #include "../linear.h"
+
+namespace at::native {
+// result = beta result + alpha mat1 mat2 (ATen/native/mkldnn/Matmul.h).
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2,
+                             const at::Tensor& result, float beta, float alpha);
+}  // namespace at::native
 
 namespace mapopt::cpu {
 
@@ -68,6 +76,41 @@ inline void onednn_linear_into(at::Tensor& out, const at::Tensor& x, const at::T
     out.add_(r);
   } else {
     out.copy_(r);
+  }
+}
+
+// Whether oneDNN reads t in place: row-major or transposed row-major (ATen's matmul copies any
+// other layout first, which for a transposed view costs more than the product saves).
+inline bool onednn_reads_in_place(const at::Tensor& t) {
+  return t.is_contiguous() || t.t().is_contiguous();
+}
+
+// Whether this torch runs float32 through at::native::mkldnn_matmul: it refuses CPUs without
+// AVX-512 (or AVX-NE-CONVERT), so one small product, once, decides.
+inline bool onednn_matmul_works() {
+  static const bool works = [] {
+    if (!at::hasMKLDNN()) return false;
+    try {
+      const at::Tensor a = at::ones({2, 2});
+      at::native::mkldnn_matmul(a, a, at::empty({2, 2}), 0.f, 1.f);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return works;
+}
+
+// out = a b, or out += a b when accumulate: by oneDNN where it reads a and b in place, else by
+// ATen.
+inline void onednn_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                               bool accumulate) {
+  if (a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
+      at::globalContext().userEnabledMkldnn() && onednn_reads_in_place(a) &&
+      onednn_reads_in_place(b) && out.is_contiguous() && onednn_matmul_works()) {
+    at::native::mkldnn_matmul(a, b, out, accumulate ? 1.f : 0.f, 1.f);
+  } else {
+    aten_matmul_into(out, a, b, accumulate);
   }
 }
 

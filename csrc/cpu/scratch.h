@@ -1,13 +1,17 @@
-// Buffers a CPU layer call keeps, per thread, for the next call: its packed weights and its
-// projection block. Why: these are megabytes that every call would otherwise take fresh from the
-// allocator, and glibc hands large freed blocks back to the kernel whenever other work has churned
-// the heap (another model, a Python loop of cells), so every call paid ~2 us a page in faults:
-// at T = 100, B = 64, H = 512 an LSTM inference call took 4 000-9 000 page faults, 8-18 ms of
-// its ~140. oneDNN's RNN primitive keeps its scratchpad for the same reason.
+// Buffers a CPU layer call keeps, per thread, for the next call: its packed weights, its
+// projection block and the backward's gate gradients over all steps. Why: these are megabytes
+// that every call would otherwise take fresh from the allocator, and glibc hands large freed
+// blocks back to the kernel whenever other work has churned the heap (another model, a Python
+// loop of cells), so every call paid ~2 us a page in faults: at T = 100, B = 64, H = 512 an LSTM
+// inference call took 4 000-9 000 page faults, 8-18 ms of its ~140; the backward of LSTM training
+// at the same size took 270-285 ms with fresh gate gradients (52 MB), 228-235 ms with kept ones.
+// oneDNN's RNN primitive keeps its scratchpad for the same reason. (Buffers a call returns come
+// from recycled_buffer.h instead.)
 //
-// A buffer is kept only up to kScratchKeepBytes per slot (the largest call so far wins); larger
-// requests are plain allocations. A slot's buffer is only valid until the next request for that
-// slot on the same thread: a layer call requests each slot once, and nothing it returns views one.
+// A buffer is kept only up to kScratchKeepBytes per slot (the largest call so far wins; 64 MB
+// holds the gate gradients at that size); larger requests are plain allocations. A slot's buffer
+// is only valid until the next request for that slot on the same thread: a layer call requests
+// each slot once, and nothing it returns views one.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,9 +21,9 @@
 
 namespace mapopt::cpu {
 
-enum class Scratch : int { InputWeight, RecurrentWeight, Projection, kSlots };
+enum class Scratch : int { InputWeight, RecurrentWeight, Projection, StepGrads, kSlots };
 
-constexpr int64_t kScratchKeepBytes = int64_t{32} << 20;
+constexpr int64_t kScratchKeepBytes = int64_t{64} << 20;
 
 // A layer's input projection is made in blocks of at most this many bytes (csrc/gated_layers.h,
 // seq::Projection), each in the Projection slot: small enough that the block and the input rows it

@@ -141,6 +141,10 @@ struct CudaCellKernels : StepByProduct<CudaCellKernels> {
                           bool accumulate) {
     aten_linear_into(out, x, w, accumulate);
   }
+  static void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                          bool accumulate) {
+    aten_matmul_into(out, a, b, accumulate);
+  }
   static at::Tensor pack_weight(const at::Tensor& w, int64_t /*batch*/) { return w; }
 
   static void gru_pointwise_fwd(const at::Tensor& gi, const at::Tensor& gh, const at::Tensor& hx,
