@@ -136,31 +136,34 @@ at::Tensor recurrent_weight_grad(std::initializer_list<at::Tensor> ds, const at:
       rows(prev, s.offsets[t], s.sizes[t]).copy_(step_start(states, initial, s, t, reverse));
     }
   }
-  std::vector<at::Tensor> grads;
+  int64_t total = 0;
+  for (const at::Tensor& d : ds) total += d.size(1);
+  at::Tensor grad = empty_recycled({total, states.size(1)}, states.options());
+  int64_t first = 0;
   for (const at::Tensor& d : ds) {
-    at::Tensor g = empty_recycled({d.size(1), states.size(1)}, states.options());
+    at::Tensor g = rows(grad, first, d.size(1));
+    first += d.size(1);
     if (!same_sizes) {
       K::matmul_into(g, d.t(), prev, /*accumulate=*/false);
-    } else {
-      // Going forward the first step starts from the initial state and step t from step t - 1;
-      // in reverse the last step starts from it and step t from step t + 1.
-      K::matmul_into(g, rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B), false);
-      if (N > B) {
-        K::matmul_into(g, rows(d, reverse ? 0 : B, N - B).t(),
-                       rows(states, reverse ? B : 0, N - B), /*accumulate=*/true);
-      }
+      continue;
     }
-    grads.push_back(std::move(g));
+    // Going forward the first step starts from the initial state and step t from step t - 1; in
+    // reverse the last step starts from it and step t from step t + 1.
+    K::matmul_into(g, rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B), false);
+    if (N > B) {
+      K::matmul_into(g, rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B),
+                     /*accumulate=*/true);
+    }
   }
-  return grads.size() == 1 ? grads[0] : at::cat(grads);
+  return grad;
 }
 
-// The weight gradient of a product over all steps, dᵀ x (d: (N, m), x: (N, k)).
+// a b in a new tensor (the backward's weight and input gradients).
 template <class K>
-at::Tensor weight_grad(const at::Tensor& d, const at::Tensor& x) {
-  at::Tensor g = empty_recycled({d.size(1), x.size(1)}, x.options());
-  K::matmul_into(g, d.t(), x, /*accumulate=*/false);
-  return g;
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = empty_recycled({a.size(0), b.size(1)}, a.options());
+  K::matmul_into(out, a, b, /*accumulate=*/false);
+  return out;
 }
 
 // The final state of each sequence: for the forward direction the sequence's last step, for the
@@ -251,9 +254,7 @@ class Projection {
 // it is not) so that weights of any strides run the same product, bit for bit.
 template <class K>
 at::Tensor input_grad(const at::Tensor& d, const at::Tensor& w) {
-  at::Tensor g = empty_recycled({d.size(0), w.size(1)}, d.options());
-  K::matmul_into(g, d, w.contiguous(), /*accumulate=*/false);
-  return g;
+  return product<K>(d, w.contiguous());
 }
 
 inline at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.flatten(0, 1) : t; }
@@ -400,7 +401,7 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   at::Tensor gb_ih = params && has_bias ? d_gi.sum(0) : none();
   return {output_mask[0] ? seq::shaped_like_input(seq::input_grad<K>(d_gi, w_ih), input) : none(),
           output_mask[1] ? dh : none(),
-          params ? seq::weight_grad<K>(d_gi, x) : none(),
+          params ? seq::product<K>(d_gi.t(), x) : none(),
           params ? seq::recurrent_weight_grad<K>({d_rz, d_gh_n}, out, h0, s, reverse) : none(),
           gb_ih,
           params && has_bias ? at::cat({gb_ih.narrow(0, 0, 2 * H), d_gh_n.sum(0)}) : none()};
@@ -514,7 +515,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
                          : none(),
           output_mask[1] ? dh : none(),
           output_mask[2] ? dc : none(),
-          params ? seq::weight_grad<K>(d_gates, x) : none(),
+          params ? seq::product<K>(d_gates.t(), x) : none(),
           params ? seq::recurrent_weight_grad<K>({d_gates}, out, h0, s, reverse) : none(),
           gb,
           gb.clone()};

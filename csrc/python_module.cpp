@@ -30,11 +30,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(MAPOPT_CPU_ISA); });
   m.def("torch_version", [] { return std::string(MAPOPT_TORCH_VERSION); });
   m.def("cpu_projection_block_bytes", [] { return mapopt::cpu::kProjectionBlockBytes; });
-  m.def("cpu_matmul", [](const at::Tensor& a, const at::Tensor& b) {
-    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-    mapopt::cpu::onednn_matmul_into(out, a, b, /*accumulate=*/false);
-    return out;
-  });
+  m.def(
+      "cpu_matmul",
+      [](const at::Tensor& a, const at::Tensor& b) {
+        TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+                          "cpu_matmul: a and b must be 2-D with a.size(1) == b.size(0), got ",
+                          a.sizes(), " and ", b.sizes());
+        TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu() &&
+                              a.scalar_type() == b.scalar_type(),
+                          "cpu_matmul: a and b must be CPU tensors of one dtype, got ",
+                          a.scalar_type(), " on ", a.device(), " and ", b.scalar_type(), " on ",
+                          b.device());
+        return mapopt::cpu::onednn_matmul(a, b);
+      },
+      pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("gate_names", [] {
     pybind11::tuple names(mapopt::kNumGates);
     for (int i = 0; i < mapopt::kNumGates; ++i) names[i] = mapopt::kGateNames[i];

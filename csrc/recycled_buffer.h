@@ -10,8 +10,10 @@
 // only inside a call, this keeps those a call returns. On CUDA this is at::empty: the caching
 // allocator already reuses blocks.
 //
-// Freed blocks are kept up to kRecycledKeepBytes in all, for any thread; a request takes the
-// smallest kept block that holds it and wastes at most a quarter of it, else fresh memory.
+// Freed blocks are kept up to kRecycledKeepBytes in all, for any thread, the latest first (a block
+// that does not fit evicts the largest kept ones: sizes change when the batch or length does); a
+// request takes the smallest kept block that holds it and wastes at most a quarter of it, else
+// fresh memory. Requests under kRecycledMinBytes are plain at::empty.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,20 +22,34 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstddef>
+#include <iterator>
 #include <map>
 #include <mutex>
+#include <vector>
+
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace mapopt {
 
 constexpr std::size_t kRecycledKeepBytes = std::size_t{256} << 20;
-// Below this glibc keeps freed blocks in its heap itself.
+// Smaller blocks cost few faults, and glibc mostly keeps them in its heap.
 constexpr std::size_t kRecycledMinBytes = std::size_t{1} << 20;
 
 class RecyclingCpuAllocator final : public c10::Allocator {
  public:
   static RecyclingCpuAllocator& get() {
     // Never destroyed: tensors it made may be freed after static destruction (at exit).
-    static auto* allocator = new RecyclingCpuAllocator();
+    static auto* allocator = [] {
+      auto* a = new RecyclingCpuAllocator();
+#if defined(__unix__)
+      // A fork while another thread holds the lock would leave it held in the child for good.
+      pthread_atfork([] { get().mu_.lock(); }, [] { get().mu_.unlock(); },
+                     [] { get().mu_.unlock(); });
+#endif
+      return a;
+    }();
     return *allocator;
   }
 
@@ -67,16 +83,23 @@ class RecyclingCpuAllocator final : public c10::Allocator {
   static void release(void* context) {
     const Block* block = static_cast<Block*>(context);
     RecyclingCpuAllocator& self = get();
-    bool kept = false;
+    std::vector<void*> evicted;
     {
       const std::lock_guard<std::mutex> lock(self.mu_);
-      if (self.kept_bytes_ + block->bytes <= kRecycledKeepBytes) {
+      if (block->bytes > kRecycledKeepBytes) {
+        evicted.push_back(block->data);
+      } else {
+        while (self.kept_bytes_ + block->bytes > kRecycledKeepBytes) {
+          const auto largest = std::prev(self.kept_.end());
+          self.kept_bytes_ -= largest->first;
+          evicted.push_back(largest->second);
+          self.kept_.erase(largest);
+        }
         self.kept_.emplace(block->bytes, block->data);
         self.kept_bytes_ += block->bytes;
-        kept = true;
       }
     }
-    if (!kept) c10::free_cpu(block->data);
+    for (void* data : evicted) c10::free_cpu(data);
     delete block;
   }
 

@@ -4,10 +4,11 @@
 // recurrent products' shapes (a few rows times a hidden-size square weight) 1.2-2x slower than
 // oneDNN, and over 2x slower when oneDNN may keep the weight pre-packed for a whole sequence
 // (bench: bench_cells.py, bench_rnn.py); the layers' backward products over all steps about 1.2x
-// slower (6400 x 2048 by 2048 x 512 with the first operand transposed: 85 against 69 ms).
-// float32 only (oneDNN has no float64); anything else, or a torch without oneDNN, falls back to
-// ATen. The linear ops are reached by name through the dispatcher; the matmul is ATen's exported
-// at::native::mkldnn_matmul, whose header torch does not ship (declared below).
+// slower (a weight gradient dᵀ x, d 6400 x 2048, x 6400 x 512: 85-89 against 69-75 ms; the input
+// gradient d W, W 2048 x 512: 104 against 69 ms). float32 only (oneDNN has no float64); anything
+// else, or a torch without oneDNN, falls back to ATen. The linear ops are reached by name through
+// the dispatcher; the matmul is ATen's exported at::native::mkldnn_matmul, whose header torch does
+// not ship (declared below, as in the torch this project pins).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -94,24 +95,34 @@ inline bool onednn_matmul_works() {
       const at::Tensor a = at::ones({2, 2});
       at::native::mkldnn_matmul(a, a, at::empty({2, 2}), 0.f, 1.f);
       return true;
-    } catch (const c10::Error&) {
+    } catch (...) {
       return false;
     }
   }();
   return works;
 }
 
-// out = a b, or out += a b when accumulate: by oneDNN where it reads a and b in place, else by
-// ATen.
+// out = a b, or out += a b when accumulate: by oneDNN's matmul where it reads a and b in place;
+// where that refuses float32, a row-major a (the input gradient) by oneDNN's linear; else by ATen.
 inline void onednn_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                                bool accumulate) {
-  if (a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
-      at::globalContext().userEnabledMkldnn() && onednn_reads_in_place(a) &&
-      onednn_reads_in_place(b) && out.is_contiguous() && onednn_matmul_works()) {
-    at::native::mkldnn_matmul(a, b, out, accumulate ? 1.f : 0.f, 1.f);
-  } else {
-    aten_matmul_into(out, a, b, accumulate);
+  const bool onednn = a.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 &&
+                      at::globalContext().userEnabledMkldnn();
+  if (onednn && onednn_matmul_works()) {
+    if (onednn_reads_in_place(a) && onednn_reads_in_place(b) && out.is_contiguous()) {
+      return at::native::mkldnn_matmul(a, b, out, accumulate ? 1.f : 0.f, 1.f);
+    }
+  } else if (onednn && a.is_contiguous()) {
+    return onednn_linear_into(out, a, b.t().contiguous(), accumulate);
   }
+  aten_matmul_into(out, a, b, accumulate);
+}
+
+// a b in a new tensor, as onednn_matmul_into makes it.
+inline at::Tensor onednn_matmul(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  onednn_matmul_into(out, a, b, /*accumulate=*/false);
+  return out;
 }
 
 }  // namespace mapopt::cpu
