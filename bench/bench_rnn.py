@@ -4,8 +4,11 @@ reference cell, eager and with the cell under torch.compile, vs sru.SRU (PyPI, a
 sizes, vs the floor: the same matrix products alone. Input size = H.
 
     python bench/bench_rnn.py [--device cpu|cuda] [--batch 8,64] [--hidden 128,512] [--layers 1,2]
+                              [--only native,torch.nn] [--name rnn_cpu_headline]
 
-Prints a table and writes bench/results/rnn_<device>.json. Ratios > 1 mean native is faster.
+Prints a table and writes bench/results/<name>.json (default rnn_<device>). Ratios > 1 mean native
+is faster. --only times just those candidates (native, torch.nn, loop, compiled, sru, floor), so
+that each gets more rounds and none runs beside the others' memory traffic.
 """
 
 import argparse
@@ -22,6 +25,7 @@ from mapopt_native import reference  # noqa: E402
 from mapopt_native.nn import GatedGRU, GatedLSTM  # noqa: E402
 
 T = 100
+CANDIDATES = ["native", "torch.nn", "loop", "compiled", "sru", "floor"]
 KINDS = {"gru": (GatedGRU, torch.nn.GRU, reference.gru_cell, 3),
          "lstm": (GatedLSTM, torch.nn.LSTM, reference.lstm_cell, 4)}
 
@@ -89,7 +93,8 @@ def floor(chunks, layers, x, H, train):
     return run
 
 
-def bench_config(kind, layers, B, H, gates, device, rounds, min_run_time, compiled_cells, peers):
+def bench_config(kind, layers, B, H, gates, device, rounds, min_run_time, compiled_cells, peers,
+                 only):
     ours_cls, torch_cls, ref_cell, chunks = KINDS[kind]
     x = torch.randn(T, B, H, device=device)
     rows = []
@@ -114,23 +119,26 @@ def bench_config(kind, layers, B, H, gates, device, rounds, min_run_time, compil
             s = peers["sru"].SRU(H, H, num_layers=layers).to(device)
             fns["sru"] = timed(lambda: s(x)[0], list(s.parameters()), train)
         fns["floor"] = floor(chunks, layers, x, H, train)
+        fns = {name: fn for name, fn in fns.items() if name.split()[0] in only}
         times = harness.compare(fns, min_rounds=rounds, min_run_time=min_run_time)
         for gate in gates:
             row = {"rnn": kind, "mode": "train" if train else "infer", "layers": layers, "B": B,
-                   "H": H, "gate": gate, "native ms": times[f"native {gate}"] * 1e3,
-                   "loop ms": times[f"loop {gate}"] * 1e3,
-                   "compiled ms": times[f"compiled {gate}"] * 1e3,
-                   "floor ms": times["floor"] * 1e3}
+                   "H": H, "gate": gate, "native ms": times[f"native {gate}"] * 1e3}
+            for k, name in (("loop", f"loop {gate}"), ("compiled", f"compiled {gate}"),
+                            ("floor", "floor")):
+                if name in times:
+                    row[f"{k} ms"] = times[name] * 1e3
             if gate == "sigmoid":
-                row["torch.nn ms"] = times["torch.nn"] * 1e3
-                if "sru" in times:
-                    row["sru ms"] = times["sru"] * 1e3
+                for k in ("torch.nn", "sru"):
+                    if k in times:
+                        row[f"{k} ms"] = times[k] * 1e3
             native = times[f"native {gate}"]
             for k, name in (("loop", f"loop {gate}"), ("compiled", f"compiled {gate}"),
                             ("torch.nn", "torch.nn"), ("sru", "sru")):
                 if f"{k} ms" in row:
                     row[f"{k}/native"] = times[name] / native
-            row["native/floor"] = native / times["floor"]
+            if "floor" in times:
+                row["native/floor"] = native / times["floor"]
             rows.append(row)
     return rows
 
@@ -148,14 +156,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-sru", action="store_true", help="skip the sru peer (its CUDA kernels "
                    "compile at first use)")
+    p.add_argument("--only", default=",".join(CANDIDATES),
+                   help="time only these candidates (native is always timed)")
+    p.add_argument("--name", default=None, help="results file name (default rnn_<device>)")
     a = p.parse_args(argv)
+    only = set(a.only.split(",")) | {"native"}
+    unknown = only - set(CANDIDATES)
+    if unknown:
+        p.error(f"--only: unknown candidates {sorted(unknown)}; choose from {CANDIDATES}")
+    name = a.name or f"rnn_{a.device}"
     if a.threads:
         torch.set_num_threads(a.threads)
     torch._dynamo.config.recompile_limit = 64
     compiled = {k: torch.compile(v[2], dynamic=True) for k, v in KINDS.items()}
     peers = {}
     try:
-        if not a.no_sru:
+        if not a.no_sru and "sru" in only:
             import sru
             peers["sru"] = sru
     except ImportError:
@@ -166,18 +182,17 @@ def main(argv=None):
             for B in map(int, a.batch.split(",")):
                 for H in map(int, a.hidden.split(",")):
                     new = bench_config(kind, layers, B, H, a.gates.split(","), a.device,
-                                       a.rounds, a.min_run_time, compiled, peers)
+                                       a.rounds, a.min_run_time, compiled, peers, only)
                     print(harness.table(new, list(new[0])), flush=True)
                     rows += new
-                    harness.write(f"rnn_{a.device}", {"machine": harness.machine(a.device),
-                                                      "T": T, "rows": rows})
+                    harness.write(name, {"machine": harness.machine(a.device), "T": T,
+                                         "rows": rows})
     columns = ["rnn", "mode", "layers", "B", "H", "gate", "native ms", "torch.nn ms", "loop ms",
                "compiled ms", "sru ms", "floor ms", "torch.nn/native", "loop/native",
                "compiled/native", "sru/native", "native/floor"]
     print(f"\nT={T}, input size = H, {a.device}; train = forward + backward\n")
     print(harness.table(rows, columns))
-    path = harness.write(f"rnn_{a.device}", {"machine": harness.machine(a.device), "T": T,
-                                             "rows": rows})
+    path = harness.write(name, {"machine": harness.machine(a.device), "T": T, "rows": rows})
     print(f"\nwrote {path}")
     return rows
 

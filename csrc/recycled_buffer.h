@@ -12,8 +12,8 @@
 //
 // Freed blocks are kept up to kRecycledKeepBytes in all, for any thread, the latest first (a block
 // that does not fit evicts the largest kept ones: sizes change when the batch or length does); a
-// request takes the smallest kept block that holds it and wastes at most a quarter of it, else
-// fresh memory. Requests under kRecycledMinBytes are plain at::empty.
+// request takes the smallest kept block that holds it and wastes at most a quarter of it (of that
+// size the one freed last), else fresh memory. Requests under kRecycledMinBytes are plain at::empty.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,7 +58,9 @@ class RecyclingCpuAllocator final : public c10::Allocator {
     std::size_t size = bytes;
     {
       const std::lock_guard<std::mutex> lock(mu_);
-      const auto it = kept_.lower_bound(bytes);
+      // Of the best-fitting size, the block freed last: its pages are the likeliest still cached.
+      auto it = kept_.lower_bound(bytes);
+      if (it != kept_.end()) it = std::prev(kept_.upper_bound(it->first));
       if (it != kept_.end() && it->first <= bytes + bytes / 4) {
         size = it->first;
         data = it->second;
