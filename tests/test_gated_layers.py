@@ -1,6 +1,8 @@
 """GatedGRU / GatedLSTM layers and their whole-sequence ops against torch.nn.GRU / LSTM (sigmoid)
 and a Python loop of the reference cells (every gate), MATH.md §1."""
 
+import threading
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -191,6 +193,34 @@ def test_buffers_kept_between_calls(kind):
         ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
         x = torch.randn(T, B, I, dtype=dtype)
         assert_runs_close(run_sequence(ours, x), run_sequence(theirs, x), 100)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_threads_share_the_recycled_blocks(kind):
+    # Threads running the same layer at once share the process's recycled blocks
+    # (csrc/recycled_buffer.h, one lock) and keep their own gate-gradient buffers (scratch.h,
+    # per thread): each thread's outputs and gradients must be what a lone call gives.
+    T, B, I, H = 50, 64, 40, 128  # outputs, workspaces and gradients over a megabyte
+    ours = LAYERS[kind][0](I, H, num_layers=2, bidirectional=True)
+    xs = [torch.randn(T, B, I) for _ in range(4)]
+
+    def run(x):
+        out, _ = ours(x)
+        return [out.detach()] + list(torch.autograd.grad((out * out).sum(), ours.parameters()))
+
+    alone = [run(x) for x in xs]
+    results = [[] for _ in xs]
+    threads = [threading.Thread(target=lambda i=i: results[i].extend(run(xs[i]) for _ in range(3)))
+               for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for expected, runs in zip(alone, results):
+        assert len(runs) == 3
+        for got in runs:
+            for a, b in zip(got, expected):
+                assert_close(a, b)  # threads may split a product differently: rounding only
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
