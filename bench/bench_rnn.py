@@ -51,10 +51,9 @@ def floor(chunks, layers, x, H, train):
     recurrent gradient, the input gradient of every layer but the first (the benchmark's input
     needs none, and native skips it too), and the two weight gradients over all steps (the GRU's
     recurrent one in two parts, as native keeps it: the r and z columns of the gate gradients,
-    strided, by ATen, and the n part by oneDNN). The native
-    CPU layers make their forward products with their own kernel (csrc/cpu/layer_products.h) at
-    about oneDNN's rate and without its per-call cost, so they can land below this floor (well
-    below at small sizes)."""
+    strided, by ATen, and the n part by oneDNN). The native CPU layers make their forward products
+    with their own kernel (csrc/cpu/layer_products.h) at about oneDNN's rate and without its
+    per-call cost, so they can land below this floor (well below at small sizes)."""
     T_, B, _ = x.shape
     dev = x.device
     # Rows per projection block: the native layers' block bytes, in whole steps.

@@ -118,11 +118,4 @@ inline void onednn_matmul_into(at::Tensor& out, const at::Tensor& a, const at::T
   aten_matmul_into(out, a, b, accumulate);
 }
 
-// a b in a new tensor, as onednn_matmul_into makes it.
-inline at::Tensor onednn_matmul(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  onednn_matmul_into(out, a, b, /*accumulate=*/false);
-  return out;
-}
-
 }  // namespace mapopt::cpu
