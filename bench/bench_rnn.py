@@ -49,11 +49,10 @@ def floor(chunks, layers, x, H, train):
     products; cuBLAS on CUDA): the input projection of every step (on the CPU in the native layers'
     blocks of steps) and the recurrent product of each step; in training also each step's
     recurrent gradient, the input gradient of every layer but the first (the benchmark's input
-    needs none, and native skips it too), and the two weight gradients over all steps (the GRU's
-    recurrent one in two parts, as native keeps it: the r and z columns of the gate gradients,
-    strided, by ATen, and the n part by oneDNN). The native CPU layers make their forward products
-    with their own kernel (csrc/cpu/layer_products.h) at about oneDNN's rate and without its
-    per-call cost, so they can land below this floor (well below at small sizes)."""
+    needs none, and native skips it too), and the two weight gradients over all steps. The native
+    CPU layers make their forward products with their own kernel (csrc/cpu/layer_products.h) at
+    about oneDNN's rate and without its per-call cost, so they can land below this floor (well
+    below at small sizes)."""
     T_, B, _ = x.shape
     dev = x.device
     # Rows per projection block: the native layers' block bytes, in whole steps.
@@ -69,9 +68,6 @@ def floor(chunks, layers, x, H, train):
     h = torch.randn(B, H, device=dev)
     d = torch.randn(T_ * B, chunks * H, device=dev)
     hs = torch.randn(T_ * B, H, device=dev)
-    # The gate gradients the recurrent weight gradient reads: the GRU's r, z columns of d and
-    # its own n part; the LSTM's all of d.
-    d_rec = [d[:, :2 * H], torch.randn(T_ * B, H, device=dev)] if chunks == 3 else [d]
 
     def run():
         inp = rows
@@ -86,8 +82,7 @@ def floor(chunks, layers, x, H, train):
                 for t in range(T_):
                     harness.linear(d[t * B:(t + 1) * B], w_hh_t)
                 harness.matmul(d.t(), inp)
-                for part in d_rec:
-                    harness.matmul(part.t(), hs)
+                harness.matmul(d.t(), hs)
             inp = hs
     return run
 

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <array>
-#include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -119,51 +118,40 @@ inline at::Tensor step_start(const at::Tensor& states, const at::Tensor& initial
                      s.sizes[t]);
 }
 
-// The recurrent weight's gradient: dᵀ S for each d (N, m) of `ds`, stacked by rows, where S (N, H)
-// is the state each row's step started from. With every step of the same batch size S is the
-// output shifted by one step with the initial state at the end it leaves open, so each is two
-// products on views; packed sequences whose batch shrinks gather S first, once for every d.
-template <class K>
-at::Tensor recurrent_weight_grad(std::initializer_list<at::Tensor> ds, const at::Tensor& states,
-                                 const at::Tensor& initial, const Steps& s, bool reverse) {
-  const int64_t B = s.batch, N = s.rows;
-  const bool same_sizes =
-      std::all_of(s.sizes.begin(), s.sizes.end(), [&](int64_t n) { return n == B; });
-  at::Tensor prev;
-  if (!same_sizes) {
-    prev = empty_recycled(states.sizes(), states.options());
-    for (int64_t t = 0; t < s.T(); ++t) {
-      rows(prev, s.offsets[t], s.sizes[t]).copy_(step_start(states, initial, s, t, reverse));
-    }
-  }
-  int64_t total = 0;
-  for (const at::Tensor& d : ds) total += d.size(1);
-  at::Tensor grad = empty_recycled({total, states.size(1)}, states.options());
-  int64_t first = 0;
-  for (const at::Tensor& d : ds) {
-    at::Tensor g = rows(grad, first, d.size(1));
-    first += d.size(1);
-    if (!same_sizes) {
-      K::matmul_into(g, d.t(), prev, /*accumulate=*/false);
-      continue;
-    }
-    // Going forward the first step starts from the initial state and step t from step t - 1; in
-    // reverse the last step starts from it and step t from step t + 1.
-    K::matmul_into(g, rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B), false);
-    if (N > B) {
-      K::matmul_into(g, rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B),
-                     /*accumulate=*/true);
-    }
-  }
-  return grad;
-}
-
 // a b in a new tensor (the backward's weight and input gradients).
 template <class K>
 at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = empty_recycled({a.size(0), b.size(1)}, a.options());
   K::matmul_into(out, a, b, /*accumulate=*/false);
   return out;
+}
+
+// The recurrent weight's gradient dᵀ S, d (N, chunks*H) the gate gradients of the recurrent
+// projection, S (N, H) the state each row's step started from. With every step of the same batch
+// size S is the output shifted by one step with the initial state at the end it leaves open, so
+// it is two products on views; packed sequences whose batch shrinks gather S first.
+template <class K>
+at::Tensor recurrent_weight_grad(const at::Tensor& d, const at::Tensor& states,
+                                 const at::Tensor& initial, const Steps& s, bool reverse) {
+  const int64_t B = s.batch, N = s.rows;
+  const bool same_sizes =
+      std::all_of(s.sizes.begin(), s.sizes.end(), [&](int64_t n) { return n == B; });
+  if (!same_sizes) {
+    at::Tensor prev = empty_recycled(states.sizes(), states.options());
+    for (int64_t t = 0; t < s.T(); ++t) {
+      rows(prev, s.offsets[t], s.sizes[t]).copy_(step_start(states, initial, s, t, reverse));
+    }
+    return product<K>(d.t(), prev);
+  }
+  // Going forward the first step starts from the initial state and step t from step t - 1; in
+  // reverse the last step starts from it and step t from step t + 1.
+  at::Tensor grad = empty_recycled({d.size(1), states.size(1)}, states.options());
+  K::matmul_into(grad, rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B), false);
+  if (N > B) {
+    K::matmul_into(grad, rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B),
+                   /*accumulate=*/true);
+  }
+  return grad;
 }
 
 // The final state of each sequence: for the forward direction the sequence's last step, for the
@@ -375,36 +363,37 @@ gated_gru_seq_bwd(const std::optional<at::Tensor>& grad_output,
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor gout = grad_output ? seq::as_rows(*grad_output).contiguous() : at::Tensor();
   at::Tensor dh = seq::carried_grad(grad_hy, s, H, x);
-  // The recurrent projection's gradient differs from the input projection's only in its n part
-  // (d gh_r = d gi_r, d gh_z = d gi_z; MATH.md §1): a step's whole row lives in a step buffer for
-  // the recurrent product, and only the n part is kept beside d_gi, a third of the memory.
-  const at::Tensor grads = K::step_grads(s.rows * 4 * H, x.options());
+  // Every step's gate gradients of both projections, d_gi and d_gh, in one buffer. They differ
+  // only in their n part (d gh_r = d gi_r, d gh_z = d gi_z; MATH.md §1), but with the r and z part
+  // kept once one of the two would be strided, and its weight gradient's product over all steps
+  // is then ATen's, about 1.2x oneDNN's (csrc/cpu/onednn_linear.h). A step's d_gh rows are the
+  // recurrent product's input in place.
+  const at::Tensor grads = K::step_grads(s.rows * 6 * H, x.options());
   const at::Tensor d_gi = grads.narrow(0, 0, s.rows * 3 * H).view({s.rows, 3 * H});
-  const at::Tensor d_gh_n = grads.narrow(0, s.rows * 3 * H, s.rows * H).view({s.rows, H});
-  at::Tensor d_gh_step = at::empty({s.batch, 3 * H}, x.options());
+  const at::Tensor d_gh = grads.narrow(0, s.rows * 3 * H, s.rows * 3 * H).view({s.rows, 3 * H});
   const typename K::RecurrentT w_hh_t = K::recurrent_weight_t(w_hh, s.batch);  // d_gh W_hh
   for (int64_t i = 0; i < s.T(); ++i) {
     const int64_t t = reverse ? i : s.T() - 1 - i;  // backward runs against the forward order
     const int64_t n = s.sizes[t], off = s.offsets[t];
     at::Tensor dh_t = seq::rows(dh, 0, n);
     if (gout.defined()) dh_t.add_(seq::rows(gout, off, n));
-    at::Tensor d_gh_t = seq::rows(d_gh_step, 0, n);
+    const at::Tensor d_gh_t = seq::rows(d_gh, off, n);
     // In place: the kernel reads dh'[j] and writes the direct part of dh[j] at the same index.
     K::gru_pointwise_bwd(dh_t, seq::step_start(out, h0, s, t, reverse),
                          seq::rows(workspace, off, n), seq::rows(d_gi, off, n), d_gh_t, dh_t, g);
-    seq::rows(d_gh_n, off, n).copy_(d_gh_t.narrow(1, 2 * H, H));
     K::recurrent_product_t(w_hh_t, d_gh_t, dh_t, /*accumulate=*/true);
   }
   auto none = [&] { return detail::not_requested(x); };
   const bool params = output_mask[2];
-  const at::Tensor d_rz = d_gi.narrow(1, 0, 2 * H);
   at::Tensor gb_ih = params && has_bias ? d_gi.sum(0) : none();
   return {output_mask[0] ? seq::shaped_like_input(seq::input_grad<K>(d_gi, w_ih), input) : none(),
           output_mask[1] ? dh : none(),
           params ? seq::product<K>(d_gi.t(), x) : none(),
-          params ? seq::recurrent_weight_grad<K>({d_rz, d_gh_n}, out, h0, s, reverse) : none(),
+          params ? seq::recurrent_weight_grad<K>(d_gh, out, h0, s, reverse) : none(),
           gb_ih,
-          params && has_bias ? at::cat({gb_ih.narrow(0, 0, 2 * H), d_gh_n.sum(0)}) : none()};
+          params && has_bias
+              ? at::cat({gb_ih.narrow(0, 0, 2 * H), d_gh.narrow(1, 2 * H, H).sum(0)})
+              : none()};
 }
 
 // ------------------------------------------------------------------------------------ LSTM
@@ -516,7 +505,7 @@ gated_lstm_seq_bwd(const std::optional<at::Tensor>& grad_output,
           output_mask[1] ? dh : none(),
           output_mask[2] ? dc : none(),
           params ? seq::product<K>(d_gates.t(), x) : none(),
-          params ? seq::recurrent_weight_grad<K>({d_gates}, out, h0, s, reverse) : none(),
+          params ? seq::recurrent_weight_grad<K>(d_gates, out, h0, s, reverse) : none(),
           gb,
           gb.clone()};
 }

@@ -8,8 +8,8 @@
 // oneDNN's RNN primitive keeps its scratchpad for the same reason. (Buffers a call returns come
 // from recycled_buffer.h instead.)
 //
-// A buffer is kept only up to kScratchKeepBytes per slot (the largest call so far wins; 64 MB
-// holds the gate gradients at that size); larger requests are plain allocations. A slot's buffer
+// A buffer is kept only up to kScratchKeepBytes per slot (the largest call so far wins; 96 MiB
+// holds the gate gradients at that size: the LSTM's 50 MiB, the GRU's 75 MiB); larger requests are plain allocations. A slot's buffer
 // is only valid until the next request for that slot on the same thread: a layer call requests
 // each slot once, and nothing it returns views one.
 #pragma once
@@ -23,7 +23,7 @@ namespace mapopt::cpu {
 
 enum class Scratch : int { InputWeight, RecurrentWeight, Projection, StepGrads, kSlots };
 
-constexpr int64_t kScratchKeepBytes = int64_t{64} << 20;
+constexpr int64_t kScratchKeepBytes = int64_t{96} << 20;
 
 // A layer's input projection is made in blocks of at most this many bytes (csrc/gated_layers.h,
 // seq::Projection), each in the Projection slot: small enough that the block and the input rows it
