@@ -8,10 +8,18 @@
 // oneDNN's RNN primitive keeps its scratchpad for the same reason. (Buffers a call returns come
 // from recycled_buffer.h instead.)
 //
+// Buffers of kScratchHugeMinBytes and more are in whole 2 MiB pages (large_buffer.h). Why: in
+// 4 KiB pages, LSTM inference at T = 100, B = 64, H = 512 ran at one of two speeds, set per
+// process: 10 processes of 15 at 1.14-1.24x the matrix-product floor (median 1.17; nn.LSTM/native
+// 0.92-1.09, median 0.99). In 2 MiB pages 5 of 23 were (median 1.09; nn.LSTM/native 0.97-1.21,
+// median 1.07). The packed weights are streamed through every step and the projection block
+// fills half a core's L2, so a likely cause is where 4 KiB pages fall in the physically indexed
+// L2 (this machine's virtualised CPU has no counters to show it).
+//
 // A buffer is kept only up to kScratchKeepBytes per slot (the largest call so far wins; 96 MiB
-// holds the gate gradients at that size: the LSTM's 50 MiB, the GRU's 75 MiB); larger requests are plain allocations. A slot's buffer
-// is only valid until the next request for that slot on the same thread: a layer call requests
-// each slot once, and nothing it returns views one.
+// holds the gate gradients at that size: the LSTM's 50 MiB, the GRU's 75 MiB); larger requests
+// are plain allocations. A slot's buffer is only valid until the next request for that slot on the
+// same thread: a layer call requests each slot once, and nothing it returns views one.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,11 +27,14 @@
 #include <array>
 #include <cstdint>
 
+#include "../large_buffer.h"
+
 namespace mapopt::cpu {
 
 enum class Scratch : int { InputWeight, RecurrentWeight, Projection, StepGrads, kSlots };
 
 constexpr int64_t kScratchKeepBytes = int64_t{96} << 20;
+constexpr int64_t kScratchHugeMinBytes = int64_t{512} << 10;
 
 // A layer's input projection is made in blocks of at most this many bytes (csrc/gated_layers.h,
 // seq::Projection), each in the Projection slot: small enough that the block and the input rows it
@@ -39,7 +50,9 @@ inline at::Tensor scratch(Scratch slot, int64_t numel, const at::TensorOptions& 
   const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
   if (bytes > kScratchKeepBytes) return at::empty({numel}, options);
   at::Tensor& buf = kept[static_cast<int>(slot)];
-  if (!buf.defined() || buf.numel() < bytes) buf = at::empty({bytes}, options.dtype(at::kByte));
+  if (!buf.defined() || buf.numel() < bytes) {
+    buf = bytes >= kScratchHugeMinBytes ? empty_huge_aligned(bytes) : at::empty({bytes}, at::kByte);
+  }
   return buf.narrow(0, 0, bytes).view(options.dtype().toScalarType());
 }
 
