@@ -9,7 +9,9 @@
 // not use it (they come from recycled_buffer.h): tens of MB allocated afresh every call, they
 // made a call take 2-2.5x its usual time every few calls in huge pages (LSTM training at T = 100,
 // B = 64, H = 512: 387-1150 ms over 24 calls, against 433-520 ms in plain pages). Their kept
-// buffers do (cpu/scratch.h says why).
+// buffers are in huge pages too, through empty_huge_aligned (cpu/scratch.h says why). The huge
+// page is taken to be 2 MiB, x86-64's with 4 KiB base pages; where it is larger (arm64 kernels with
+// 16 or 64 KiB pages) the advice does nothing.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,15 +51,23 @@ inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& op
 // `bytes` bytes of CPU memory (a 1-D uint8 tensor) that start on a 2 MiB boundary and ask for
 // huge pages up to the 2 MiB boundary after their end: for buffers kept for many calls
 // (csrc/cpu/scratch.h), which pay the huge pages' zeroing once. 2 MiB more are reserved, untouched.
+// The result spans those whole pages (at least `bytes`), so a later request that fits in them
+// can reuse it. Without madvise this is at::empty.
 inline at::Tensor empty_huge_aligned(int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   const auto page = static_cast<int64_t>(kHugePageBytes);
   const int64_t whole = (bytes + page - 1) / page * page;
   const at::Tensor t = at::empty({whole + page}, at::kByte);
   const auto begin = reinterpret_cast<std::uintptr_t>(t.data_ptr());
   const auto skip = static_cast<int64_t>(((begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1)) -
                                          begin);
-  advise_huge_pages(t.data_ptr<uint8_t>() + skip, static_cast<std::size_t>(whole));
-  return t.narrow(0, skip, bytes);
+  // Views of other dtypes need the offset to be a multiple of their size: c10 aligns to 64 bytes.
+  TORCH_INTERNAL_ASSERT(skip % 64 == 0, "CPU allocation not 64-byte aligned");
+  advise_huge_pages(t.data_ptr<std::uint8_t>() + skip, static_cast<std::size_t>(whole));
+  return t.narrow(0, skip, whole);
+#else
+  return at::empty({bytes}, at::kByte);
+#endif
 }
 
 }  // namespace mapopt

@@ -165,7 +165,8 @@ def test_steps_split_over_threads_match_torch(kind, dtype, threads, H):
     # Steps big enough that the CPU layers' products (csrc/cpu/layer_products.h) split over
     # threads, by groups of units (one vector in the forward, four in the backward) and, where the
     # groups are fewer than twice the threads (H = 20, and the backward at H = 204), by rows too;
-    # at H = 370 the LSTM's backward step product is past kOwnStepGradMacs (oneDNN's). No H is a
+    # at H = 370 the LSTM's backward step product is past kOwnStepGradMacs (oneDNN's) and the
+    # packed weights are kept in 2 MiB pages (csrc/cpu/scratch.h), in both dtypes. No H is a
     # multiple of the vector width (4 to 16 lanes), so the last group is partial;
     # the packed, unsorted lengths shrink the batch from 32 step by step, so the kernel's row
     # blocks take several sizes; both directions.

@@ -8,7 +8,9 @@
 // oneDNN's RNN primitive keeps its scratchpad for the same reason. (Buffers a call returns come
 // from recycled_buffer.h instead.)
 //
-// Buffers of kScratchHugeMinBytes and more are in whole 2 MiB pages (large_buffer.h). Why: in
+// Buffers of kScratchHugeMinBytes and more are in whole 2 MiB pages (large_buffer.h): the packed
+// weights from H of about 256 up, and the projection block where whole steps fill its 512 KiB
+// (the LSTM at B = 64, H = 512, not the GRU there, whose block holds one 384 KiB step). Why: in
 // 4 KiB pages, LSTM inference at T = 100, B = 64, H = 512 ran at one of two speeds, set per
 // process: 10 processes of 15 at 1.14-1.24x the matrix-product floor (median 1.17; nn.LSTM/native
 // 0.92-1.09, median 0.99). In 2 MiB pages 5 of 23 were (median 1.09; nn.LSTM/native 0.97-1.21,
