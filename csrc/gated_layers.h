@@ -145,8 +145,7 @@ at::Tensor recurrent_weight_grad(const at::Tensor& d, const at::Tensor& states,
   }
   // Going forward the first step starts from the initial state and step t from step t - 1; in
   // reverse the last step starts from it and step t from step t + 1.
-  at::Tensor grad = empty_recycled({d.size(1), states.size(1)}, states.options());
-  K::matmul_into(grad, rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B), false);
+  at::Tensor grad = product<K>(rows(d, reverse ? N - B : 0, B).t(), rows(initial, 0, B));
   if (N > B) {
     K::matmul_into(grad, rows(d, reverse ? 0 : B, N - B).t(), rows(states, reverse ? B : 0, N - B),
                    /*accumulate=*/true);
