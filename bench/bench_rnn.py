@@ -8,7 +8,10 @@ sizes, vs the floor: the same matrix products alone. Input size = H.
 
 Prints a table and writes bench/results/<name>.json (default rnn_<device>). Ratios > 1 mean native
 is faster. --only times just those candidates (native, torch.nn, loop, compiled, sru, floor), so
-that each gets more rounds and none runs beside the others' memory traffic.
+that each gets more rounds and none runs beside the others' memory traffic. On the CPU, "%peak"
+columns give the rate at which native, the loop and the floor ran the floor's products (GFLOP
+column) as a share of this CPU's multiply-add peak, measured by bench/fma_peak.c: no candidate can
+pass 100, so x/native can be at most 100 / (x %peak).
 """
 
 import argparse
@@ -87,6 +90,14 @@ def floor(chunks, layers, x, H, train):
     return run
 
 
+def floor_gflop(chunks, layers, B, H, train):
+    """The floor's multiply-adds, in GFLOP (2 flops each): per layer the input projection and the
+    recurrent product over all steps, each T*B x H x chunks*H; in training also the recurrent
+    gradient and the two weight gradients, and every layer's input gradient but the first's."""
+    product = 2 * T * B * H * chunks * H / 1e9
+    return layers * product * (5 if train else 2) + (product * (layers - 1) if train else 0)
+
+
 def bench_config(kind, layers, B, H, gates, device, rounds, min_run_time, compiled_cells, peers,
                  only):
     ours_cls, torch_cls, ref_cell, chunks = KINDS[kind]
@@ -117,7 +128,8 @@ def bench_config(kind, layers, B, H, gates, device, rounds, min_run_time, compil
         times = harness.compare(fns, min_rounds=rounds, min_run_time=min_run_time)
         for gate in gates:
             row = {"rnn": kind, "mode": "train" if train else "infer", "layers": layers, "B": B,
-                   "H": H, "gate": gate, "native ms": times[f"native {gate}"] * 1e3}
+                   "H": H, "gate": gate, "native ms": times[f"native {gate}"] * 1e3,
+                   "GFLOP": floor_gflop(chunks, layers, B, H, train)}
             for k, name in (("loop", f"loop {gate}"), ("compiled", f"compiled {gate}"),
                             ("floor", "floor")):
                 if name in times:
@@ -184,7 +196,16 @@ def main(argv=None):
     columns = ["rnn", "mode", "layers", "B", "H", "gate", "native ms", "torch.nn ms", "loop ms",
                "compiled ms", "sru ms", "floor ms", "torch.nn/native", "loop/native",
                "compiled/native", "sru/native", "native/floor"]
-    print(f"\nT={T}, input size = H, {a.device}; train = forward + backward\n")
+    peak = harness.machine(a.device).get("fma peak GFLOP/s")
+    if peak:
+        # What share of the CPU's multiply-add peak each candidate's products ran at.
+        for row in rows:
+            for k in ("native", "loop", "floor"):
+                if f"{k} ms" in row:
+                    row[f"{k} %peak"] = 100 * row["GFLOP"] / (row[f"{k} ms"] / 1e3) / peak
+        columns += ["native %peak", "loop %peak", "floor %peak"]
+    print(f"\nT={T}, input size = H, {a.device}; train = forward + backward"
+          + (f"; multiply-add peak {peak} GFLOP/s (bench/fma_peak.c)" if peak else "") + "\n")
     print(harness.table(rows, columns))
     path = harness.write(name, {"machine": harness.machine(a.device), "T": T, "rows": rows})
     print(f"\nwrote {path}")

@@ -1,10 +1,14 @@
 """Shared benchmark harness: interleaved timing (median), machine facts, result JSON and a printed
 table. Every comparison is measured in the same process, side by side."""
 
+import functools
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,10 +91,32 @@ def machine(device="cpu"):
         "cpu": _cpu_model(),
         "python": platform.python_version(),
     }
+    if device == "cpu":
+        info["fma peak GFLOP/s"] = fma_peak(info["threads"])
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["tf32"] = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
     return info
+
+
+@functools.cache
+def fma_peak(threads):
+    """This CPU's peak float32 multiply-add rate in GFLOP/s on `threads` threads (bench/fma_peak.c,
+    compiled here for this CPU), the roof any matrix product here stays under; None where no C
+    compiler with OpenMP is found."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    source = Path(__file__).resolve().parent / "fma_peak.c"
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        build = subprocess.run([cc, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp",
+                                str(source), "-o", str(exe)], capture_output=True)
+        if build.returncode != 0:
+            return None
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        out = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.split()[0])
 
 
 def _cpu_model():

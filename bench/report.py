@@ -14,7 +14,8 @@ COLUMNS = {
               "floor ms", "torch.nn/native", "eager/native", "compiled/native", "floor/native"],
     "rnn": ["rnn", "mode", "layers", "B", "H", "gate", "native ms", "torch.nn ms", "loop ms",
             "compiled ms", "sru ms", "floor ms", "torch.nn/native", "loop/native",
-            "compiled/native", "sru/native", "native/floor"],
+            "compiled/native", "sru/native", "native/floor", "native %peak", "loop %peak",
+            "floor %peak"],
 }
 
 
@@ -29,7 +30,9 @@ def render(name):
     m = data["machine"]
     cols = [c for c in COLUMNS[name.split("_")[0]] if any(c in r for r in data["rows"])]
     lines = [f"`{name}` ({data['when']}; {m['device']}, {m.get('gpu', m['cpu'])}, "
-             f"{m['threads']} threads, torch {m['torch']})", "",
+             f"{m['threads']} threads, torch {m['torch']}"
+             + (f", multiply-add peak {m['fma peak GFLOP/s']} GFLOP/s" if m.get("fma peak GFLOP/s")
+                else "") + ")", "",
              "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in data["rows"]:
         lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
