@@ -588,6 +588,47 @@ def test_mapping_distance_every_dtype_matches_float64(device, dtype, reduction):
         assert_close(a.cpu().double(), b, dtype=dtype, scale=10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [0.731, 65536.0])
+def test_reduced_16bit_cpu_gradients_are_rounded_once(dtype, scale):
+    """kd_loss and mapping_distance with a reduction, 16-bit on the CPU, backward from a gradient
+    `scale`: the student's gradient is the float64 reference's rounded to the dtype once (up to
+    float32 inside moving a rare value across a rounding boundary). A gradient rounded in the
+    forward and scaled in the backward is rounded twice (at 0.731), and float16 gradients below
+    its normal range (about 1e-5 here) lose their low bits before AMP's loss scale (65536) could
+    keep them."""
+    N, C = 64, 1000
+    s, t, y = logits(N, C).to(dtype), logits(N, C).to(dtype), targets(N, C, ignored=3)
+    students = [torch.randn(B, 300, dtype=torch.float64).to(dtype) for B in (64, 16)]
+    teachers = [(x.double() + 1e-3 * torch.randn(x.shape, dtype=torch.float64)).to(dtype)
+                for x in students]
+    kw = dict(distance="kl", temperature=2.0)
+    cases = [(lambda ss: kd_loss(ss[0], t, y, 0.4, **kw),
+              lambda ss: reference.kd_loss(ss[0], t.double(), y, 0.4, **kw), [s]),
+             (lambda ss: mapping_distance(ss, teachers),
+              lambda ss: reference.mapping_distance(ss, [x.double() for x in teachers]),
+              students)]
+
+    def grads(fn, inputs, out_dtype):
+        inputs = [x.detach().clone().requires_grad_() for x in inputs]
+        fn(inputs).backward(torch.tensor(scale, dtype=out_dtype))
+        return [x.grad for x in inputs]
+
+    info = torch.finfo(dtype)
+    for ours_fn, ref_fn, inputs in cases:
+        ours = grads(ours_fn, inputs, torch.float32)
+        ref = grads(ref_fn, [x.double() for x in inputs], torch.float64)
+        for a, r in zip(ours, ref):
+            once = r.to(dtype)
+            assert a.dtype == dtype
+            assert (a != once).double().mean() < 0.01
+            # Within one ulp, where float32's precision of the largest terms allows: an element
+            # whose terms cancel (two nearly equal softmax values) is known only to that.
+            one_ulp = info.eps * once.double().abs() + info.smallest_normal * info.eps
+            float32_part = 16 * torch.finfo(torch.float32).eps * r.abs().max()
+            assert ((a.double() - once.double()).abs() <= one_ulp + float32_part).all()
+
+
 # ---------------------------------------------------------------- Distiller
 
 

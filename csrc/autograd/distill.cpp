@@ -7,10 +7,11 @@
 // formula is MATH.md §3: ∂D_j/∂s_j = 2 (s_j - t_j) / B_j. Teachers get no gradient.
 //
 // mapping_distance_total (Σ_j c_j D_j, the weighted sum / mean) and kd_loss_total (the reduced KD
-// loss) write their gradient in the forward call on the CPU (see fuse_gradient): both are
-// memory-bound there, and reading the inputs once, with the gradient written beside the sums,
-// moves 3 tensor-sizes of bytes where a forward and then a backward pass move 5. The backward
-// hands the buffers over, scaled in place unless the incoming gradient is exactly 1.
+// loss) write their gradient in the forward call on the CPU in float / double (see
+// fuse_gradient): both are memory-bound there, and reading the inputs once, with the gradient
+// written beside the sums, moves 3 tensor-sizes of bytes where a forward and then a backward pass
+// move 5. The backward hands the buffers over, scaled in place unless the incoming gradient is
+// exactly 1.
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
@@ -102,12 +103,16 @@ at::Tensor call_total(at::TensorList students, at::TensorList teachers,
 }
 
 // The fused path (the gradient written in the forward call, stashed, handed over by the backward)
-// is taken only where that is safe and pays: on the CPU (float / double buffers, scaled exactly
-// in place; on a GPU a second read is cheap and the scaling would round through float16), on
-// plain tensors (not traced by torch.compile, not batched by vmap), and outside saved-tensor
+// is taken only where that is safe and pays: on the CPU in float / double (the buffer is scaled
+// by the incoming gradient in its own precision; a 16-bit buffer would be rounded twice, and
+// where the forward's gradient is below float16's normal range, as before AMP's loss scaling,
+// it would lose its low bits before the scale could save them; on a GPU a second read is cheap),
+// on plain tensors (not traced by torch.compile, not batched by vmap), and outside saved-tensor
 // hooks such as activation checkpointing, which a stashed buffer would bypass and outlive.
 bool fuse_gradient(const at::Tensor& like) {
-  return like.device().is_cpu() && !at::isTensorSubclassLike(like) &&
+  const auto dtype = like.scalar_type();
+  return like.device().is_cpu() && (dtype == at::kFloat || dtype == at::kDouble) &&
+         !at::isTensorSubclassLike(like) &&
          !at::SavedTensorDefaultHooks::get_hooks().has_value();
 }
 
