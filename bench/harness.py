@@ -102,21 +102,25 @@ def machine(device="cpu"):
 @functools.cache
 def fma_peak(threads):
     """This CPU's peak float32 multiply-add rate in GFLOP/s on `threads` threads (bench/fma_peak.c,
-    compiled here for this CPU), the roof any matrix product here stays under; None where no C
-    compiler with OpenMP is found."""
+    compiled here for this CPU), the roof any matrix product here stays under; None where it
+    cannot be measured (no C compiler with OpenMP, a build or run that fails), so that a benchmark
+    then leaves its %peak columns out instead of failing."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
     source = Path(__file__).resolve().parent / "fma_peak.c"
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "fma_peak"
-        build = subprocess.run([cc, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp",
-                                str(source), "-o", str(exe)], capture_output=True)
-        if build.returncode != 0:
-            return None
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.split()[0])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            exe = Path(tmp) / "fma_peak"
+            subprocess.run([cc, "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp",
+                            str(source), "-o", str(exe)], capture_output=True, check=True,
+                           timeout=120)
+            out = subprocess.run([str(exe)], capture_output=True, text=True, env=env, check=True,
+                                 timeout=120)
+        return float(out.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def _cpu_model():

@@ -96,8 +96,9 @@ TORCH_LIBRARY(mapopt_native, m) {
       "Tensor",
       tags);
   // kd_loss_total: coefficient · Σ_b L_b (a 0-dim tensor; coefficient 0-dim: 1 for "sum",
-  // 1/count for "mean"). On the CPU its autograd kernel writes the gradient in the forward call,
-  // with kd_loss_fwd_grad (CPU only; it also returns the row statistics, for a second backward).
+  // 1/count for "mean"). On the CPU in float32 / float64 its autograd kernel writes the gradient
+  // in the forward call, with kd_loss_fwd_grad (CPU only; it also returns the row statistics, for
+  // a second backward).
   m.def(
       "kd_loss_total(Tensor student, Tensor teacher, Tensor? target, float alpha, str distance, "
       "float temperature, int ignore_index, Tensor coefficient) -> Tensor",
@@ -113,9 +114,9 @@ TORCH_LIBRARY(mapopt_native, m) {
       "mapping_distance_bwd(Tensor grad_distances, Tensor[] students, Tensor[] teachers) -> "
       "Tensor[]",
       tags);
-  // Σ_j c_j D_j (a 0-dim tensor), the weighted sum / mean of mapping_distance; on the CPU its
-  // autograd kernel computes c_j ∂D_j/∂s_j in the forward pass, with mapping_distance_fwd_grad
-  // (CPU only).
+  // Σ_j c_j D_j (a 0-dim tensor), the weighted sum / mean of mapping_distance; on the CPU in
+  // float32 / float64 its autograd kernel computes c_j ∂D_j/∂s_j in the forward pass, with
+  // mapping_distance_fwd_grad (CPU only).
   m.def(
       "mapping_distance_total(Tensor[] students, Tensor[] teachers, Tensor coefficients) -> "
       "Tensor",

@@ -599,9 +599,10 @@ def test_reduced_16bit_cpu_gradients_are_rounded_once(dtype, scale):
     keep them."""
     N, C = 64, 1000
     s, t, y = logits(N, C).to(dtype), logits(N, C).to(dtype), targets(N, C, ignored=3)
-    students = [torch.randn(B, 300, dtype=torch.float64).to(dtype) for B in (64, 16)]
-    teachers = [(x.double() + 1e-3 * torch.randn(x.shape, dtype=torch.float64)).to(dtype)
-                for x in students]
+    # Small independent pairs: differences of arbitrary bits, and float16 gradients of
+    # 2 (s - t) / (B P) below its normal range at B = 64.
+    students, teachers = ([(1e-3 * torch.randn(B, 300, dtype=torch.float64)).to(dtype)
+                           for B in (64, 16)] for _ in range(2))
     kw = dict(distance="kl", temperature=2.0)
     cases = [(lambda ss: kd_loss(ss[0], t, y, 0.4, **kw),
               lambda ss: reference.kd_loss(ss[0], t.double(), y, 0.4, **kw), [s]),

@@ -109,8 +109,8 @@ def _(student, teacher, target, alpha, distance, temperature, ignore_index, coef
             student.new_empty(student.shape))
 
 
-# kd_loss_total's autograd kernel is in C++ (csrc/autograd/distill.cpp): its forward writes the
-# gradient too, handed over by the backward.
+# kd_loss_total's autograd kernel is in C++ (csrc/autograd/distill.cpp): on the CPU in float32 /
+# float64 its forward writes the gradient too, handed over by the backward.
 
 
 def _kd_setup_context(ctx, inputs, output):
@@ -154,8 +154,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     the gradient has the logits' dtype. The teacher receives no gradient.
 
     The forward reads the logits once (online softmax) and keeps 3 numbers per sample; a backward
-    pass reads them once more and writes the gradient. On the CPU, with "mean" / "sum" and a
-    gradient to come, the forward writes each row's gradient right after the row's totals (while
+    pass reads them once more and writes the gradient. On the CPU in float32 / float64, with
+    "mean" / "sum" and a gradient to come, the forward writes each row's gradient right after the row's totals (while
     the row is in cache) and the backward hands it over, scaled in place unless the incoming
     gradient is exactly 1 (not under activation checkpointing, torch.compile or vmap, which take
     the backward pass). Either way the gradient is the only logits-size buffer allocated."""
@@ -249,7 +249,8 @@ def _(students, teachers, coefficients):
 
 # The autograd kernels of mapping_distance_fwd and mapping_distance_total are in C++
 # (csrc/autograd/distill.cpp): for many small pairs a Python autograd formula cost several times
-# the kernels, and the total's forward writes the gradient in the same pass as the sums.
+# the kernels, and on the CPU in float32 / float64 the total's forward writes the gradient in the
+# same pass as the sums.
 
 
 def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
@@ -263,8 +264,8 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     squares over a feature map leaves float16's range easily), gradients in the pairs' dtype. A
     pair with B_j = 0 gives D_j = 0. The teachers receive no gradient. weights: one per pair
     (default 1). reduction: "none" returns the vector (D_j) (weights applied), "sum" Σ_j w_j D_j,
-    "mean" Σ_j w_j D_j / number of pairs. On the CPU, "sum" and "mean" write the gradient in the
-    forward pass (kd_loss's docstring says when)."""
+    "mean" Σ_j w_j D_j / number of pairs. On the CPU in float32 / float64, "sum" and "mean"
+    write the gradient in the forward pass (kd_loss's docstring says when)."""
     _check_reduction(reduction)
     students, teachers = list(students), list(teachers)
     if not students:  # the dispatcher needs a tensor to pick a kernel
@@ -280,7 +281,7 @@ def mapping_distance(students: Sequence[Tensor], teachers: Sequence[Tensor], *,
     if reduction == "none":
         d = _ops.mapping_distance_fwd(students, teachers)  # the autograd formula skips teachers
         return d if w is None else d * w
-    # Σ_j c_j D_j in one op (on the CPU its forward also writes the gradient); learnable weights
-    # get theirs (D_j) from its autograd kernel.
+    # Σ_j c_j D_j in one op (on the CPU in float32 / float64 its forward also writes the gradient);
+    # learnable weights get theirs (D_j) from its autograd kernel.
     c = torch.ones(P, dtype=dtype, device=students[0].device) if w is None else w
     return _ops.mapping_distance_total(students, teachers, c if reduction == "sum" else c / P)
