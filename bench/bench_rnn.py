@@ -50,9 +50,11 @@ def floor(chunks, layers, x, H, train):
     """The products a layer stack cannot avoid, alone, by the backends the native layers use
     (harness.linear / harness.matmul: oneDNN on the CPU, with pre-packed weights for the per-step
     products; cuBLAS on CUDA): the input projection of every step (on the CPU in the native layers'
-    blocks of steps) and the recurrent product of each step; in training also each step's
-    recurrent gradient, the input gradient of every layer but the first (the benchmark's input
-    needs none, and native skips it too), and the two weight gradients over all steps. The native
+    blocks of steps; native LSTM inference makes each step's projection in the pass of its
+    recurrent product instead, which as a oneDNN call a step would cost more than these blocks)
+    and the recurrent product of each step; in training also each step's recurrent gradient, the
+    input gradient of every layer but the first (the benchmark's input needs none, and native
+    skips it too), and the two weight gradients over all steps. The native
     CPU layers make their forward products with their own kernel (csrc/cpu/layer_products.h) at
     about oneDNN's rate and without its per-call cost, so they can land below this floor (well
     below at small sizes)."""

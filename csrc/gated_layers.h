@@ -184,7 +184,9 @@ inline void check_workspace(const at::Tensor& workspace, const Steps& s) {
 // sequence's projection (rows x 4H) would be written to fresh memory and read back once, and first
 // touching that much memory costs about as much as the pass; a block of half a MB stays in a
 // core's L2 until its steps read it (and the CPU backend keeps it between calls, cpu/scratch.h).
-// On CUDA the budget is unlimited: the whole sequence is one product.
+// On CUDA the budget is unlimited: the whole sequence is one product. The CPU's LSTM inference
+// makes no blocks: each step's projection is made in the pass of its recurrent product
+// (lstm_input_step_fwd), with only the packed weight taken from here.
 template <class K>
 class Projection {
  public:
@@ -202,6 +204,8 @@ class Projection {
   // Whether one product covers the whole sequence; then block() is that product, once a step
   // has been asked for.
   bool whole() const { return whole_; }
+  // W_ih and the bias as K::input_weight packed them.
+  const typename K::Input& weight() const { return w_; }
   const at::Tensor& block() const { return block_; }
 
   // The rows of step t; steps are asked for in processing order.
@@ -414,6 +418,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   const std::optional<at::Tensor> bias = detail::summed_bias(b_ih, b_hh);
   seq::Projection<K> gi(x, w_ih, bias, 4, s, reverse, /*keep_whole=*/need_workspace);
   const typename K::Recurrent rec = K::recurrent_weight(w_hh, std::nullopt, 4, s.batch);
+  // Inference on a backend that can (the CPU's) makes each step's input projection in the pass
+  // of its recurrent product instead of in blocks of steps beforehand.
+  constexpr bool kInputInStep = requires { &K::lstm_input_step_fwd; };
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.
   at::Tensor gates = need_workspace && !gi.whole()
@@ -431,13 +438,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
     const int64_t n = s.sizes[t], off = s.offsets[t];
     const at::Tensor h = seq::start_state(last_h, last_n, h0, n);
     const at::Tensor c = seq::start_state(last_c, last_n, c0, n);
-    const at::Tensor gi_t = gi.step(t);
     at::Tensor out_t = seq::rows(out, off, n);
     // Inference alternates two cell-state buffers instead of keeping every step's.
     at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
-    at::Tensor ws_t;
-    if (need_workspace) ws_t = gi.whole() ? gi_t : seq::rows(gates, off, n);
-    K::lstm_step_fwd(rec, gi_t, h, c, out_t, c_t, ws_t, g);
+    if constexpr (kInputInStep) {
+      if (!need_workspace) {
+        K::lstm_input_step_fwd(gi.weight(), seq::rows(x, off, n), rec, h, c, out_t, c_t, g);
+      }
+    }
+    if (!kInputInStep || need_workspace) {
+      const at::Tensor gi_t = gi.step(t);
+      at::Tensor ws_t;
+      if (need_workspace) ws_t = gi.whole() ? gi_t : seq::rows(gates, off, n);
+      K::lstm_step_fwd(rec, gi_t, h, c, out_t, c_t, ws_t, g);
+    }
     const int64_t next_n = s.next_size(t, reverse);
     seq::collect_final(hy, out_t, n, next_n, reverse);
     seq::collect_final(cy, c_t, n, next_n, reverse);

@@ -48,7 +48,8 @@ void gru_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_t
   }
 }
 
-// wsb may be null (inference) or alias gib: each element is read before it is written.
+// wsb may be null (inference) or alias gib: each element is read before it is written. gib is
+// null where gh already holds the whole pre-activation (the input projection summed in).
 template <Gate G, class scalar_t>
 void lstm_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_t g0,
                     const scalar_t* cb, scalar_t* hyb, scalar_t* cyb, scalar_t* wsb, int64_t H,
@@ -60,7 +61,7 @@ void lstm_fwd_units(const scalar_t* gib, const scalar_t* ghb, int64_t gs, int64_
     const scalar_t* ghj = ghb + (j - g0);
     V a[4];
     for (int k = 0; k < 4; ++k) {
-      a[k] = load(gib + k * H + j, n) + load(ghj + k * gs, n);
+      a[k] = gib ? load(gib + k * H + j, n) + load(ghj + k * gs, n) : load(ghj + k * gs, n);
       if (wsb) store(a[k], wsb + k * H + j, n);
     }
     V c_new;
@@ -81,6 +82,31 @@ struct CpuCellKernels {
       p = pack_units<scalar_t>(w, b, chunks, by_columns, scratch(slot, size, w.options()));
     });
     return p;
+  }
+
+  // An LSTM step's product and gate math: gi (undefined with `in`) plus h W_hhᵀ, or with `in`
+  // x W_ihᵀ + b plus h W_hhᵀ summed in one pass; ws (undefined in inference) gets the sums.
+  static void lstm_step(const PackedUnits* in, const at::Tensor& x, const at::Tensor& gi,
+                        const PackedUnits& r, const at::Tensor& hx, const at::Tensor& cx,
+                        const at::Tensor& hy, const at::Tensor& cy, const at::Tensor& ws,
+                        Gate gate) {
+    const int64_t H = hy.size(1);
+    dispatch(hy, gate, [&](auto g, auto s) {
+      using scalar_t = decltype(s);
+      constexpr int64_t L = Vectorized<scalar_t>::size();
+      const auto gi_r = rows_in<scalar_t>(gi), c_r = rows_in<scalar_t>(cx);
+      const auto hy_r = rows_out<scalar_t>(hy), cy_r = rows_out<scalar_t>(cy);
+      const auto ws_r = rows_out<scalar_t>(ws);
+      const auto units = [&](int64_t b, int64_t j0, int64_t j1, const scalar_t* ab) {
+        lstm_fwd_units<decltype(g)::value, scalar_t>(gi_r[b], ab, L, j0, c_r[b], hy_r[b], cy_r[b],
+                                                     ws_r[b], H, j0, j1);
+      };
+      if (in) {
+        for_each_summed_product_row<4, scalar_t>(*in, x, &r, hx, units);
+      } else {
+        for_each_product_row<4, scalar_t>(r, hx, units);
+      }
+    });
   }
 
  public:
@@ -271,19 +297,16 @@ struct CpuCellKernels {
   static void lstm_step_fwd(const Recurrent& r, const at::Tensor& gi, const at::Tensor& hx,
                             const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy,
                             const at::Tensor& ws, Gate gate) {
-    const int64_t H = hy.size(1);
-    dispatch(hy, gate, [&](auto g, auto s) {
-      using scalar_t = decltype(s);
-      constexpr int64_t L = Vectorized<scalar_t>::size();
-      const auto gi_r = rows_in<scalar_t>(gi), c_r = rows_in<scalar_t>(cx);
-      const auto hy_r = rows_out<scalar_t>(hy), cy_r = rows_out<scalar_t>(cy);
-      const auto ws_r = rows_out<scalar_t>(ws);
-      for_each_product_row<4, scalar_t>(r, hx, [&](int64_t b, int64_t j0, int64_t j1,
-                                                   const scalar_t* ghb) {
-        lstm_fwd_units<decltype(g)::value>(gi_r[b], ghb, L, j0, c_r[b], hy_r[b], cy_r[b], ws_r[b],
-                                           H, j0, j1);
-      });
-    });
+    lstm_step(nullptr, at::Tensor(), gi, r, hx, cx, hy, cy, ws, gate);
+  }
+
+  // hy, cy = LSTM(x W_ihᵀ + b + h W_hhᵀ), an inference step that makes its input projection
+  // (in: W_ih and the summed bias) in the same pass as its recurrent product, so the gate inputs
+  // go from registers to the gate math without a projection block written and read back.
+  static void lstm_input_step_fwd(const PackedUnits& in, const at::Tensor& x, const Recurrent& r,
+                                  const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& hy,
+                                  const at::Tensor& cy, Gate gate) {
+    lstm_step(&in, x, at::Tensor(), r, hx, cx, hy, cy, at::Tensor(), gate);
   }
 
   static void lstm_pointwise_bwd(const at::Tensor& dhy, const at::Tensor& dcy,

@@ -1,7 +1,8 @@
 // The CPU layers' matrix products, by our own register-blocked kernel over weights regrouped by
 // vectors of hidden units (PackedUnits): the input projection of a block of steps, each step's
-// recurrent product h W_hhᵀ (+ b_hh), which hands every block of gate pre-activations straight to
-// the pointwise math while it is in L1, and the backward's step product d W_hh (by columns).
+// recurrent product h W_hhᵀ (+ b_hh; in LSTM inference summed with the step's projection), which
+// hands every block of gate pre-activations straight to the pointwise math while it is in L1, and
+// the backward's step product d W_hh (by columns).
 //
 // Why not oneDNN: a step's product is small (B rows), so oneDNN's call through ATen costs about
 // 20 us, and its output, a fresh tensor every step, is first-touched memory that glibc keeps handing
@@ -180,21 +181,30 @@ constexpr int64_t depth_slice() {
                                   (C * Vectorized<scalar_t>::size() * int64_t(sizeof(scalar_t))));
 }
 
-// For the (n, K) rows x: the product x Wᵀ + b of a packed weight, one group of units and a block
-// of rows at a time, split over threads by groups; after each block, fn(row, j0, j1, p) for each
-// of its rows, where units [j0, j1) are the group's and gate c of unit j is at p[c * L + j - j0]
-// (by columns: column j at p[j - j0]).
+// For the (n, K) rows x: the product x Wᵀ + b of a packed weight, plus, where `ph` is given, the
+// (n, K') rows h times another weight packed alike (an LSTM inference step: its input projection
+// and its recurrent product summed in one pass), one group of units and a block of rows at a
+// time, split over threads by groups; after each block, fn(row, j0, j1, p) for each of its rows,
+// where units [j0, j1) are the group's and gate c of unit j is at p[c * L + j - j0] (by columns:
+// column j at p[j - j0]).
 template <int C, class scalar_t, class F>
-void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& fn) {
+void for_each_summed_product_row(const PackedUnits& pw, const at::Tensor& x,
+                                 const PackedUnits* ph, const at::Tensor& h, const F& fn) {
   using V = Vectorized<scalar_t>;
   constexpr int L = V::size();
   constexpr int MR = block_rows<C>();
   TORCH_INTERNAL_ASSERT(pw.chunks() == C && x.size(1) == pw.depth());
+  TORCH_INTERNAL_ASSERT(!ph || (ph->chunks() == C && ph->groups() == pw.groups() &&
+                                h.size(0) == x.size(0) && h.size(1) == ph->depth()));
   const at::Tensor xc = x.contiguous();
+  const at::Tensor hc = ph ? h.contiguous() : at::Tensor();
   const int64_t n = xc.size(0), K = pw.depth(), H = pw.units;
+  const int64_t KH = ph ? ph->depth() : 0;
   const scalar_t* xp = xc.const_data_ptr<scalar_t>();
   const scalar_t* wp = pw.w.const_data_ptr<scalar_t>();
   const scalar_t* bp = pw.b.defined() ? pw.b.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* hp = ph ? hc.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* whp = ph ? ph->w.const_data_ptr<scalar_t>() : nullptr;
   if (n == 0 || pw.groups() == 0) return;
   // Tasks are a group of units and a range of rows; threads take them one at a time from a shared
   // counter rather than a fixed share each: on a shared machine one thread is often held up for
@@ -205,7 +215,7 @@ void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& f
   const int64_t threads = at::get_num_threads();
   const int64_t parts = std::clamp<int64_t>(at::ceil_div(2 * threads, groups), 1, blocks);
   const int64_t tasks = groups * parts;
-  const int64_t task_work = std::max<int64_t>(1, n * K * C * L / parts);
+  const int64_t task_work = std::max<int64_t>(1, n * (K + KH) * C * L / parts);
   const int64_t grain = std::max<int64_t>(1, kMinStepWork / task_work);
   const int64_t workers = std::min<int64_t>(threads, at::ceil_div(tasks, grain));
   constexpr int64_t KS = depth_slice<C, scalar_t>();
@@ -233,6 +243,11 @@ void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& f
           product_rows<C>(rows, xp + m * K + k0, K, wg + k0 * C * L, bg, k0 > 0, depth, block,
                           std::make_integer_sequence<int, MR>{});
           if (last) {
+            if (ph) {
+              product_rows<C>(rows, hp + m * KH, KH, whp + g * KH * C * L,
+                              static_cast<const scalar_t*>(nullptr), true, KH, block,
+                              std::make_integer_sequence<int, MR>{});
+            }
             for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
           }
           m += rows;
@@ -240,6 +255,12 @@ void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& f
       }
     }
   });
+}
+
+// The product x Wᵀ + b alone (for_each_summed_product_row without the second term).
+template <int C, class scalar_t, class F>
+void for_each_product_row(const PackedUnits& pw, const at::Tensor& x, const F& fn) {
+  for_each_summed_product_row<C, scalar_t>(pw, x, nullptr, at::Tensor(), fn);
 }
 
 }  // namespace mapopt::cpu

@@ -16,7 +16,8 @@
 // 0.92-1.09, median 0.99). In 2 MiB pages 5 of 23 were (median 1.09; nn.LSTM/native 0.97-1.21,
 // median 1.07). The packed weights are streamed through every step and the projection block
 // fills half a core's L2, so a likely cause is where 4 KiB pages fall in the physically indexed
-// L2 (this machine's virtualised CPU has no counters to show it).
+// L2 (this machine's virtualised CPU has no counters to show it). (LSTM inference has since
+// stopped making projection blocks: gated_layers.h.)
 //
 // A buffer is kept only up to kScratchKeepBytes per slot (the largest call so far wins; 96 MiB
 // holds the gate gradients at that size: the LSTM's 50 MiB, the GRU's 75 MiB); larger requests
