@@ -23,6 +23,8 @@
 //   Recurrent, recurrent_weight(w_hh, b_hh, chunks, batch): the recurrent weight for the steps
 //   gru_step_fwd(rec, gi, hx, hy, ws, gate):        gru_pointwise_fwd(gi, hx W_hhᵀ + b_hh, ...)
 //   lstm_step_fwd(rec, gi, hx, cx, hy, cy, ws, gate): lstm_pointwise_fwd(gi, hx W_hhᵀ, ...)
+//   optionally lstm_input_step_fwd(in, x, rec, hx, cx, hy, cy, gate): an inference step with the
+//   input projection x W_ihᵀ + b (in: K::Input) made in the same pass (the CPU's)
 //   RecurrentT, recurrent_weight_t(w_hh, batch), recurrent_product_t(rt, d, out, accumulate):
 //   the layers' backward step product, out = d W_hh, or out += d W_hh
 //   step_grads(numel, options): the layers' backward buffer (1-D) of every step's gate gradients,

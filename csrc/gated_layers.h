@@ -6,8 +6,10 @@
 // of step t are the first batch_sizes[t] sequences). Padded input is the packed case with every
 // batch size B. Packed sequences run on the packed rows: the batch shrinks step by step.
 //
-// Forward: one matrix product for the input projection of every step, then per step the
-// recurrent product and the fused pointwise kernel, looped here. Backward: in reverse, per step
+// Forward: the input projection of every step as matrix products over blocks of steps (one on
+// CUDA), then per step the recurrent product and the fused pointwise kernel, looped here; a
+// backend with lstm_input_step_fwd (the CPU) makes an LSTM inference step's projection in the
+// pass of its recurrent product instead. Backward: in reverse, per step
 // the fused pointwise backward and the recurrent product; the weight gradients after the loop as
 // a few large products over all steps.
 #pragma once

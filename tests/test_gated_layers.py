@@ -184,6 +184,23 @@ def test_steps_split_over_threads_match_torch(kind, dtype, threads, H):
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("I,H,dtype", [(1100, 24, torch.float32), (1100, 24, torch.float64),
+                                       (20, 1100, torch.float32)])
+def test_products_deeper_than_a_slice_match_torch(kind, I, H, dtype):
+    # Input or hidden sizes past the CPU kernel's depth slice (csrc/cpu/layer_products.h: 512
+    # rows of a group's weights at AVX-512, 1024 at AVX2), so the products run in slices with
+    # every row's sums kept between them, LSTM inference's summed projection and recurrent product
+    # among them; padded input with strided rows (a slice of wider features, read in place by
+    # that product) and packed input with unsorted lengths; both directions.
+    T, B = 4, 9
+    ours, theirs = matching_pair(kind, I, H, dtype, bidirectional=True)
+    x = torch.randn(T, B, I + 7, dtype=dtype)[:, :, :I]
+    for lengths in (None, unsorted_lengths(T, B, 2)):
+        results = [run_sequence(m, x, lengths) for m in (ours, theirs)]
+        assert_runs_close(*results, 20)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_buffers_kept_between_calls(kind):
     # The CPU layers keep their packed weights and projection block between calls
     # (csrc/cpu/scratch.h): calls of other sizes and dtypes in between, a longer sequence (several

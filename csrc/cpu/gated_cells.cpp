@@ -349,6 +349,10 @@ struct CpuCellKernels {
   }
 };
 
+// The layers take the summed inference step where a backend has it (gated_layers.h asks with a
+// requires-expression, which a renamed or overloaded function would quietly turn false).
+static_assert(requires { &CpuCellKernels::lstm_input_step_fwd; });
+
 }  // namespace
 }  // namespace mapopt::cpu
 

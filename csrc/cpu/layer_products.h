@@ -182,11 +182,11 @@ constexpr int64_t depth_slice() {
 }
 
 // For the (n, K) rows x: the product x Wᵀ + b of a packed weight, plus, where `ph` is given, the
-// (n, K') rows h times another weight packed alike (an LSTM inference step: its input projection
-// and its recurrent product summed in one pass), one group of units and a block of rows at a
-// time, split over threads by groups; after each block, fn(row, j0, j1, p) for each of its rows,
-// where units [j0, j1) are the group's and gate c of unit j is at p[c * L + j - j0] (by columns:
-// column j at p[j - j0]).
+// (n, K') rows h times another weight packed alike and without a bias (an LSTM inference step:
+// its input projection and its recurrent product summed in one pass), one group of units and a
+// block of rows at a time, split over threads by groups; after each block's last term, fn(row,
+// j0, j1, p) for each of its rows, where units [j0, j1) are the group's and gate c of unit j is at
+// p[c * L + j - j0] (by columns: column j at p[j - j0]). Rows may have any row stride.
 template <int C, class scalar_t, class F>
 void for_each_summed_product_row(const PackedUnits& pw, const at::Tensor& x,
                                  const PackedUnits* ph, const at::Tensor& h, const F& fn) {
@@ -195,16 +195,29 @@ void for_each_summed_product_row(const PackedUnits& pw, const at::Tensor& x,
   constexpr int MR = block_rows<C>();
   TORCH_INTERNAL_ASSERT(pw.chunks() == C && x.size(1) == pw.depth());
   TORCH_INTERNAL_ASSERT(!ph || (ph->chunks() == C && ph->groups() == pw.groups() &&
-                                h.size(0) == x.size(0) && h.size(1) == ph->depth()));
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor hc = ph ? h.contiguous() : at::Tensor();
-  const int64_t n = xc.size(0), K = pw.depth(), H = pw.units;
-  const int64_t KH = ph ? ph->depth() : 0;
-  const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-  const scalar_t* wp = pw.w.const_data_ptr<scalar_t>();
+                                !ph->b.defined() && h.size(0) == x.size(0) &&
+                                h.size(1) == ph->depth()));
+  const auto unit_columns = [](const at::Tensor& t) {
+    return t.stride(1) == 1 ? t : t.contiguous();
+  };
+  // The terms of the sum: rows (row stride ld, depth K) and the packed weight of all groups.
+  struct Term {
+    const scalar_t* rows;
+    int64_t ld, K;
+    const scalar_t* w;
+  };
+  const at::Tensor xc = unit_columns(x);
+  const at::Tensor hc = ph ? unit_columns(h) : at::Tensor();
+  Term terms[2];
+  int nterms = 0;
+  terms[nterms++] = {xc.const_data_ptr<scalar_t>(), xc.stride(0), pw.depth(),
+                     pw.w.const_data_ptr<scalar_t>()};
+  if (ph) {
+    terms[nterms++] = {hc.const_data_ptr<scalar_t>(), hc.stride(0), ph->depth(),
+                       ph->w.const_data_ptr<scalar_t>()};
+  }
+  const int64_t n = xc.size(0), H = pw.units;
   const scalar_t* bp = pw.b.defined() ? pw.b.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* hp = ph ? hc.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* whp = ph ? ph->w.const_data_ptr<scalar_t>() : nullptr;
   if (n == 0 || pw.groups() == 0) return;
   // Tasks are a group of units and a range of rows; threads take them one at a time from a shared
   // counter rather than a fixed share each: on a shared machine one thread is often held up for
@@ -215,42 +228,56 @@ void for_each_summed_product_row(const PackedUnits& pw, const at::Tensor& x,
   const int64_t threads = at::get_num_threads();
   const int64_t parts = std::clamp<int64_t>(at::ceil_div(2 * threads, groups), 1, blocks);
   const int64_t tasks = groups * parts;
-  const int64_t task_work = std::max<int64_t>(1, n * (K + KH) * C * L / parts);
+  int64_t depth_all = 0;
+  for (int t = 0; t < nterms; ++t) depth_all += terms[t].K;
+  const int64_t task_work = std::max<int64_t>(1, n * depth_all * C * L / parts);
   const int64_t grain = std::max<int64_t>(1, kMinStepWork / task_work);
   const int64_t workers = std::min<int64_t>(threads, at::ceil_div(tasks, grain));
+  // A term deeper than KS runs in slices, each over all of a task's rows, every row's sums kept
+  // between them; otherwise each block of rows takes every term in turn, its sums in registers
+  // and one small buffer (at H = 128 a few percent faster than term by term).
   constexpr int64_t KS = depth_slice<C, scalar_t>();
-  const bool sliced = K > KS;
+  bool sliced = false;
+  for (int t = 0; t < nterms; ++t) sliced = sliced || terms[t].K > KS;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    // The sums of a block of rows; of every row when the product runs in slices of k.
+    // The sums of a block of rows; of every row when the product runs in slices.
     std::vector<V> sums(static_cast<size_t>((sliced ? n : MR) * C));
     scalar_t* buf = reinterpret_cast<scalar_t*>(sums.data());
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t g = task / parts, part = task % parts;
-      const scalar_t* wg = wp + g * K * C * L;
       const scalar_t* bg = bp ? bp + g * C * L : nullptr;
       const int64_t j0 = g * pw.span, j1 = std::min(H, j0 + pw.span);
       // This part's blocks of at most MR rows, as even as they come (8 rows: 4 + 4, not 6 + 2):
       // a block of few rows loads a weight vector for few multiply-adds.
       const int64_t b0 = blocks * part / parts, b1 = blocks * (part + 1) / parts;
       const int64_t m0 = n * b0 / blocks, m1 = n * b1 / blocks;
-      for (int64_t k0 = 0; k0 < K; k0 += KS) {
-        const int64_t depth = std::min(KS, K - k0);
-        const bool last = k0 + depth == K;
-        for (int64_t i = b0, m = m0; i < b1; ++i) {
-          const int rows = static_cast<int>(at::ceil_div<int64_t>(m1 - m, b1 - i));
-          scalar_t* block = buf + (sliced ? m : 0) * C * L;
-          product_rows<C>(rows, xp + m * K + k0, K, wg + k0 * C * L, bg, k0 > 0, depth, block,
-                          std::make_integer_sequence<int, MR>{});
-          if (last) {
-            if (ph) {
-              product_rows<C>(rows, hp + m * KH, KH, whp + g * KH * C * L,
-                              static_cast<const scalar_t*>(nullptr), true, KH, block,
-                              std::make_integer_sequence<int, MR>{});
+      // Rows [m, m + rows) times depth [k0, k0 + depth) of term t, added to the block's sums
+      // (the bias starts them), then handed to fn after the last slice of the last term.
+      const auto slice = [&](int64_t m, int rows, int t, int64_t k0, int64_t depth) {
+        const Term& term = terms[t];
+        scalar_t* block = buf + (sliced ? m : 0) * C * L;
+        product_rows<C>(rows, term.rows + m * term.ld + k0, term.ld,
+                        term.w + (g * term.K + k0) * C * L, bg, t > 0 || k0 > 0, depth, block,
+                        std::make_integer_sequence<int, MR>{});
+        if (t == nterms - 1 && k0 + depth == term.K) {
+          for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
+        }
+      };
+      const auto block_rows_at = [&](int64_t i, int64_t m) {
+        return static_cast<int>(at::ceil_div<int64_t>(m1 - m, b1 - i));
+      };
+      if (sliced) {
+        for (int t = 0; t < nterms; ++t) {
+          for (int64_t k0 = 0; k0 < terms[t].K; k0 += KS) {
+            for (int64_t i = b0, m = m0; i < b1; m += block_rows_at(i, m), ++i) {
+              slice(m, block_rows_at(i, m), t, k0, std::min(KS, terms[t].K - k0));
             }
-            for (int r = 0; r < rows; ++r) fn(m + r, j0, j1, block + r * C * L);
           }
-          m += rows;
+        }
+      } else {
+        for (int64_t i = b0, m = m0; i < b1; m += block_rows_at(i, m), ++i) {
+          for (int t = 0; t < nterms; ++t) slice(m, block_rows_at(i, m), t, 0, terms[t].K);
         }
       }
     }
