@@ -445,3 +445,31 @@ def test_build_info_reports_what_was_built():
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "mapopt_native::gated_gru_cell_fwd", "CUDA")
     assert has_cuda_kernel == info["cuda"]
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_cell_ops_take_input_size_0(kind, dtype):
+    # torch's cells and ours refuse input_size 0; the cell ops take it, the projection being the
+    # bias alone (oneDNN, which the float32 products go through, refuses an empty inner
+    # dimension: such products take ATen's).
+    B, H, chunks = 3, 10, (3 if kind == "gru" else 4)
+    x, w_ih = torch.randn(B, 0, dtype=dtype), torch.randn(chunks * H, 0, dtype=dtype)
+    params = [torch.randn(chunks * H, H, dtype=dtype), torch.randn(chunks * H, dtype=dtype),
+              torch.randn(chunks * H, dtype=dtype)] + [torch.randn(B, H, dtype=dtype)
+                                                       for _ in range(1 if kind == "gru" else 2)]
+    w_hh, b_ih, b_hh, *states = [t.requires_grad_() for t in params]
+    ours = (gated_gru_cell if kind == "gru" else gated_lstm_cell)(x, *states, w_ih, w_hh, b_ih,
+                                                                   b_hh)
+    ref = (reference.gru_cell if kind == "gru" else reference.lstm_cell)(x, *states, w_ih, w_hh,
+                                                                          b_ih, b_hh, "sigmoid")
+    ours, ref = (ours,) if kind == "gru" else ours, (ref,) if kind == "gru" else ref
+    grads = []
+    for outs in (ours, ref):
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum()
+                   for o in outs)
+        grads.append(torch.autograd.grad(loss, [w_hh, b_ih, b_hh, *states]))
+    for a, b in zip(ours, ref):
+        assert_close(a, b)
+    for a, b in zip(*grads):
+        assert_close(a, b, scale=10)

@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import mapopt_native
 from mapopt_native import reference
 from mapopt_native.nn import GatedGRU, GatedLSTM
-from mapopt_native.ops import gated_gru_layer
+from mapopt_native.ops import gated_gru_layer, gated_lstm_layer
 
 from conftest import CPU_DTYPES, CUDA_DTYPES, assert_close
 
@@ -198,6 +198,37 @@ def test_products_deeper_than_a_slice_match_torch(kind, I, H, dtype):
     for lengths in (None, unsorted_lengths(T, B, 2)):
         results = [run_sequence(m, x, lengths) for m in (ours, theirs)]
         assert_runs_close(*results, 20)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("H", [8, 1100])
+def test_layer_ops_take_input_size_0(kind, H):
+    # torch's modules and ours refuse input_size 0; the layer ops take it, the projection being
+    # the bias alone (it used to divide by zero packing the empty weight). At H = 1100 LSTM
+    # inference sums an empty projection and a recurrent product deeper than one slice.
+    T, B, chunks = 3, 2, (3 if kind == "gru" else 4)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(T, B, 0, **f64)
+    w_ih = torch.randn(chunks * H, 0, **f64)
+    params = [0.05 * torch.randn(chunks * H, H, **f64), torch.randn(chunks * H, **f64),
+              torch.randn(chunks * H, **f64)] + [torch.randn(B, H, **f64)
+                                                 for _ in range(1 if kind == "gru" else 2)]
+    w_hh, b_ih, b_hh, *states = [leaf(t) for t in params]
+    layer = gated_gru_layer if kind == "gru" else gated_lstm_layer
+    ours = layer(x, *states, w_ih, w_hh, b_ih, b_hh)
+    with torch.no_grad():
+        inference = layer(x, *states, w_ih, w_hh, b_ih, b_hh)[0]
+    ref_out, ref_finals = reference.rnn(kind, x, tuple(s.unsqueeze(0) for s in states),
+                                        [(w_ih, w_hh, b_ih, b_hh)])
+    assert_close(ours[0], ref_out)
+    assert_close(inference, ref_out)
+    for a, b in zip(ours[1:], ref_finals):
+        assert_close(a, b[0])
+    proj = torch.randn_like(ref_out)
+    grads = [torch.autograd.grad((out * proj).sum(), [w_hh, b_ih, b_hh, *states])
+             for out in (ours[0], ref_out)]
+    for a, b in zip(*grads):
+        assert_close(a, b, scale=20)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])

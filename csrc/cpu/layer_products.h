@@ -87,7 +87,7 @@ void regroup_units(const at::Tensor& t, int64_t chunks, int64_t units, bool by_c
   const int64_t s0 = t.stride(0), s1 = t.stride(1);
   const scalar_t* from = t.const_data_ptr<scalar_t>();
   scalar_t* to = packed.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, kRegroupGrain / (cols * width));
+  const int64_t grain = std::max<int64_t>(1, kRegroupGrain / std::max<int64_t>(1, cols * width));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t c = 0; c < chunks; ++c) {
@@ -269,7 +269,9 @@ void for_each_summed_product_row(const PackedUnits& pw, const at::Tensor& x,
       };
       if (sliced) {
         for (int t = 0; t < nterms; ++t) {
-          for (int64_t k0 = 0; k0 < terms[t].K; k0 += KS) {
+          // At least one slice, so that a term of depth 0 (an input size of 0) still starts the
+          // sums with the bias.
+          for (int64_t k0 = 0; k0 == 0 || k0 < terms[t].K; k0 += KS) {
             for (int64_t i = b0, m = m0; i < b1; m += block_rows_at(i, m), ++i) {
               slice(m, block_rows_at(i, m), t, k0, std::min(KS, terms[t].K - k0));
             }

@@ -39,8 +39,11 @@ inline const std::optional<c10::OperatorHandle>& onednn_reorder_op() {
   return op;
 }
 
+// float32, and an inner dimension (in) of at least 1: oneDNN refuses an empty one (an input size
+// of 0), which ATen's product takes.
 inline bool onednn_applies(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && onednn_linear_op() && onednn_reorder_op();
+  return t.scalar_type() == at::kFloat && t.size(1) > 0 && onednn_linear_op() &&
+         onednn_reorder_op();
 }
 
 // The weight (out, in) in oneDNN's packed layout for inputs of about `batch` rows; only
