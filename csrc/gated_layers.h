@@ -423,6 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
   // Inference on a backend that can (the CPU's) makes each step's input projection in the pass
   // of its recurrent product instead of in blocks of steps beforehand.
   constexpr bool kInputInStep = requires { &K::lstm_input_step_fwd; };
+  const bool input_in_step = kInputInStep && !need_workspace;
   // Training keeps every step's summed pre-activations (the workspace): in place of the
   // projection when that is one tensor, else in their own buffer. Inference keeps none.
   at::Tensor gates = need_workspace && !gi.whole()
@@ -443,12 +444,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lst
     at::Tensor out_t = seq::rows(out, off, n);
     // Inference alternates two cell-state buffers instead of keeping every step's.
     at::Tensor c_t = seq::rows(cs, need_workspace ? off : (i % 2) * s.batch, n);
-    if constexpr (kInputInStep) {
-      if (!need_workspace) {
+    if (input_in_step) {
+      if constexpr (kInputInStep) {
         K::lstm_input_step_fwd(gi.weight(), seq::rows(x, off, n), rec, h, c, out_t, c_t, g);
       }
-    }
-    if (!kInputInStep || need_workspace) {
+    } else {
       const at::Tensor gi_t = gi.step(t);
       at::Tensor ws_t;
       if (need_workspace) ws_t = gi.whole() ? gi_t : seq::rows(gates, off, n);
